@@ -77,7 +77,7 @@ class DenoiserConfig:
     attention: bool = True  # attention in the middle block
     dropout: float = 0.1
     groups: int = 32  # GroupNorm groups (must divide `channels`)
-    fourier_min: int = 6  # Fourier-feature input channels sin/cos(2^n * pi * x), n in [min, max]
+    fourier_min: int = 6  # Fourier-feature input channels sin/cos(2^n * 2 pi * x), n in [min, max]
     fourier_max: int = 7  # set fourier_max < fourier_min to disable
     embedding_dim: int = 0  # conditioning width (0: 4 * channels)
 
@@ -111,6 +111,7 @@ class TrainConfig:
     log_every: int = 25
     eval_every: int = 0  # evaluate the held-out ELBO every this many steps (0: only at the end)
     eval_images: int = 512  # images used by periodic evaluations (the final one uses the whole split)
+    eval_time_points: int = 16  # S of periodic evaluations (the final one uses eval.time_points)
     checkpoint_every: int = 500
     keep_checkpoints: int = 2  # last K periodic checkpoints kept besides `last.pt` and `best.pt`
     max_nonfinite: int = 20  # consecutive non-finite losses after which training stops
@@ -283,8 +284,8 @@ def validate(cfg: Config) -> Config:
     need(t.grad_clip >= 0, "train.grad_clip must be >= 0")
     need(t.log_every >= 1 and t.eval_every >= 0 and t.checkpoint_every >= 1,
          "train.log_every and train.checkpoint_every must be >= 1, train.eval_every >= 0")
-    need(t.eval_images >= 1 and t.keep_checkpoints >= 0 and t.max_nonfinite >= 1,
-         "train.eval_images and train.max_nonfinite must be >= 1, train.keep_checkpoints >= 0")
+    need(t.eval_images >= 1 and t.eval_time_points >= 1 and t.keep_checkpoints >= 0 and t.max_nonfinite >= 1,
+         "train.eval_images, eval_time_points and max_nonfinite must be >= 1, train.keep_checkpoints >= 0")
     need(t.threads >= 0, "train.threads must be >= 0")
     need(e.time_points >= 1 and e.batch_size >= 1, "eval.time_points and eval.batch_size must be >= 1")
     need(e.sample_steps >= 1 and e.num_samples >= 1, "eval.sample_steps and eval.num_samples must be >= 1")

@@ -1,0 +1,207 @@
+"""The ``mulan`` command line: train, eval, sample, presets.
+
+Errors the user can cause print one line, ``mulan: error: ...``, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from mulan.config import Config, apply_overrides, to_dict
+from mulan.errors import ConfigError, MulanError, OutputError
+from mulan.presets import get_preset, latent_cost_bpd, preset_names
+
+OVERRIDES_HELP = "config overrides KEY=VALUE, e.g. train.steps=200 model.prediction=v (see --dry-run)"
+
+
+def _writable_dir(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise OutputError(f"output directory {path} is not writable: {e.strerror or e}") from None
+    return path
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+
+    def update(record: dict) -> None:
+        bar.update(record["step"] - bar.n)
+        post = {"loss": f"{record['loss_bpd']:.3f}bpd", "img/s": f"{record['images_per_s']:.0f}"}
+        if "test_bpd" in record:
+            post["test"] = f"{record['test_bpd']:.3f}bpd"
+        bar.set_postfix(post, refresh=False)
+
+    return bar, update
+
+
+def _load_model(checkpoint: str, overrides: list[str], *, ema: bool = True):
+    """(model, config, state) from a checkpoint; data overrides (e.g. data.path=...) may point at moved files."""
+    from mulan.checkpoint import load_checkpoint, load_weights, require
+    from mulan.train import build_model, resolve_device
+
+    state = load_checkpoint(checkpoint)
+    require(state, "ema" if ema else "model", path=checkpoint)
+    bad = [o for o in overrides if not o.split("=", 1)[0].startswith(("data.", "eval.", "train.device", "train.threads"))]
+    if bad:
+        raise ConfigError(f"only data.*, eval.*, train.device and train.threads can be overridden here, not {bad[0]!r}")
+    cfg = apply_overrides(state["config"], overrides)
+    model = build_model(cfg)
+    load_weights(model, state["ema" if ema else "model"], checkpoint, "EMA" if ema else "model")
+    return model.to(resolve_device(cfg.train.device)).eval(), cfg, state
+
+
+# --- commands -----------------------------------------------------------------------------------------------
+
+def cmd_presets(args) -> None:
+    for name in preset_names():
+        print(name)
+
+
+def cmd_train(args) -> None:
+    from mulan.checkpoint import load_checkpoint
+    from mulan.train import train
+
+    if args.resume:
+        if not args.out:
+            raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
+        cfg: Config = apply_overrides(load_checkpoint(Path(args.out) / "checkpoints" / "last.pt")["config"],
+                                      args.overrides)
+    else:
+        cfg = apply_overrides(get_preset(args.preset), args.overrides)
+    if args.dry_run:
+        print(json.dumps(to_dict(cfg), indent=2))
+        return
+    out = Path(args.out or f"runs/{cfg.preset or 'custom'}")
+    if not args.resume and (out / "checkpoints" / "last.pt").exists():
+        raise OutputError(f"{out} already holds a run; continue it with --resume or choose another --out")
+    _writable_dir(out)
+    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    t0 = time.perf_counter()
+    bar, update = _progress_bar(cfg.train.steps, 0, not args.no_progress)
+    try:
+        result = train(cfg, out, resume=args.resume, progress=update)
+    finally:
+        bar.close()
+    train_s = time.perf_counter() - t0
+    print(f"trained {result.step} steps in {train_s:.0f} s ({result.images_per_s:.0f} images/s); "
+          f"checkpoint {out / 'checkpoints' / 'last.pt'}")
+    finish_run(result.model, cfg, result.test_set, out, step=result.step, seed=cfg.train.seed, quick=args.quick)
+
+
+def finish_run(model, cfg: Config, test_set, out: Path, *, step: int, seed: int, quick: bool = False) -> None:
+    """After training: the held-out bound on the whole test split, samples, and (MuLAN) schedule figures."""
+    from mulan.images import save_grid
+    from mulan.report import evaluate_elbo
+    from mulan.sampling import ancestral_sample
+    import torch
+
+    summary = evaluate_elbo(model, test_set, time_points=cfg.eval.time_points if not quick else 4,
+                            batch_size=cfg.eval.batch_size, seed=seed, out_dir=out)
+    summary.checkpoint, summary.step = str(out / "checkpoints" / "last.pt"), step
+    print("\n".join(summary.lines()))
+    gen = torch.Generator(next(model.parameters()).device).manual_seed(seed)
+    steps = cfg.eval.sample_steps if not quick else 10
+    samples = ancestral_sample(model, cfg.eval.num_samples, steps=steps, generator=gen)
+    save_grid(samples, cfg.data.num_values, out / "samples.png")
+    metrics = {"step": step, "test": summary.__dict__, "latent_cost_bpd_strict": latent_cost_bpd(cfg),
+               "sample_steps": steps}
+    (out / "results.json").write_text(json.dumps(metrics, indent=2, default=str))
+    print(f"samples ({steps} ancestral steps): {out / 'samples.png'}; results: {out / 'results.json'}")
+
+
+def cmd_eval(args) -> None:
+    from mulan.data import load_splits
+    from mulan.report import evaluate_elbo, write_summary
+
+    model, cfg, state = _load_model(args.checkpoint, args.overrides)
+    train_set, test_set = load_splits(cfg.data)
+    data = test_set if args.split == "test" else train_set
+    out = _writable_dir(Path(args.out) if args.out else Path(args.checkpoint).resolve().parent.parent)
+    if args.estimator != "elbo":
+        raise ConfigError(f"estimator {args.estimator!r} is not available yet")
+    summary = evaluate_elbo(model, data, time_points=args.time_points or cfg.eval.time_points,
+                            batch_size=cfg.eval.batch_size, seed=args.seed, limit=args.limit, out_dir=out)
+    summary.checkpoint, summary.step = str(args.checkpoint), int(state.get("step", 0))
+    write_summary(out / f"eval-elbo-{data.split}.json", summary)
+    print("\n".join(summary.lines()))
+    print(f"per-image results: {out / f'eval-elbo-{data.split}.csv'}")
+
+
+def cmd_sample(args) -> None:
+    import torch
+
+    from mulan.images import save_grid
+    from mulan.sampling import ancestral_sample
+
+    model, cfg, _ = _load_model(args.checkpoint, args.overrides)
+    out = Path(args.out or Path(args.checkpoint).resolve().parent.parent / "samples.png")
+    _writable_dir(out.parent)
+    gen = torch.Generator(next(model.parameters()).device).manual_seed(args.seed)
+    images = ancestral_sample(model, args.num or cfg.eval.num_samples, steps=args.steps or cfg.eval.sample_steps,
+                              generator=gen)
+    save_grid(images, cfg.data.num_values, out)
+    print(f"wrote {images.shape[0]} samples to {out}")
+
+
+# --- parser -------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mulan", description="Diffusion models with learned, multivariate, "
+                                "input-adaptive noise schedules (MuLAN) and the VDM family.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a model, then evaluate it on the whole test split and sample")
+    t.add_argument("--preset", default="digits-mulan", help="named configuration (see `mulan presets`); default digits-mulan")
+    t.add_argument("--out", help="run directory (default runs/PRESET); an existing run is never overwritten")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--quick", action="store_true", help="cheap final evaluation and sampling (smoke tests)")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="held-out likelihood of a checkpoint, per image and summarised")
+    e.add_argument("checkpoint")
+    e.add_argument("--estimator", choices=["elbo", "ode"], default="elbo")
+    e.add_argument("--split", choices=["test", "train"], default="test")
+    e.add_argument("--limit", type=int, default=0, help="evaluate only the first N images (reported as a subset)")
+    e.add_argument("--time-points", type=int, default=0, help="ELBO: stratified times per image (default eval.time_points)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--out", help="folder for the per-image CSV and summary JSON (default: the run folder)")
+    e.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="data.*/eval.* overrides, e.g. data.path=...")
+    e.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("sample", help="draw samples from a checkpoint into a PNG grid")
+    s.add_argument("checkpoint")
+    s.add_argument("--num", type=int, default=0, help="number of images (default eval.num_samples)")
+    s.add_argument("--steps", type=int, default=0, help="ancestral steps T (default eval.sample_steps)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", help="PNG path (default RUN_DIR/samples.png)")
+    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="eval.*/train.device overrides")
+    s.set_defaults(func=cmd_sample)
+
+    ps = sub.add_parser("presets", help="list the named configurations")
+    ps.set_defaults(func=cmd_presets)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MulanError as e:
+        print(f"mulan: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("mulan: interrupted", file=sys.stderr)
+        sys.exit(130)

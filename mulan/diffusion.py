@@ -1,0 +1,185 @@
+"""The diffusion model and its negative ELBO (SPEC "Negative ELBO"), one class for VDM and MuLAN.
+
+VDM is this model with no latent and a scalar schedule; MuLAN adds a latent z inferred from x and a
+per-pixel schedule gamma(z, t). Every term is returned per example, in nats.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mulan.config import ModelConfig
+from mulan.latent import LatentOut, build_latent
+from mulan.nn.unet import UNet
+from mulan.schedules import BoundSchedule, GammaOut, build_schedule
+
+EpsFn = Callable[[Tensor, Tensor], Tensor]
+"""(x_t (B,C,H,W), t (B,)) -> eps_hat (B,C,H,W), with z fixed."""
+
+
+@dataclass
+class ELBOTerms:
+    """Per-example terms of the negative ELBO, each (B,) in nats."""
+
+    recon: Tensor  # -log p(x | x_0), discrete decoder
+    prior: Tensor  # KL(q(x_1 | x, z) || N(0, I))
+    diffusion: Tensor  # continuous- or discrete-time diffusion loss
+    latent: Tensor  # KL(q(z | x) || p(z)) as charged (see latent_kl)
+    latent_kl: str  # which latent KL was charged: 'none', 'surrogate', 'strict' or 'analytic'
+
+    @property
+    def total(self) -> Tensor:
+        """Negative ELBO in nats, (B,)."""
+        return self.recon + self.prior + self.diffusion + self.latent
+
+    def as_dict(self) -> dict[str, Tensor]:
+        return {"recon": self.recon, "prior": self.prior, "diffusion": self.diffusion, "latent": self.latent}
+
+
+@dataclass
+class Conditioned:
+    """The model with z fixed for a batch: what samplers and likelihood estimators need."""
+
+    z: Tensor | None  # (B, m) or None
+    bound: BoundSchedule  # t (B,) -> GammaOut
+    eps_fn: EpsFn  # (x_t, t) -> eps_hat
+    latent: LatentOut  # z and its KL
+
+
+def bits_per_dim(nats: Tensor, n: int) -> Tensor:
+    """nats per example -> bits per dimension: nats / (n ln 2)."""
+    return nats / (n * math.log(2.0))
+
+
+def antithetic_times(batch: int, *, generator: torch.Generator | None = None, device=None) -> Tensor:
+    """Low-discrepancy times t_i = (u + i/B) mod 1 with one uniform u (SPEC "Time sampling")."""
+    u = torch.rand((), generator=generator, device=device)
+    return torch.remainder(u + torch.arange(batch, device=device) / batch, 1.0)
+
+
+class Diffusion(nn.Module):
+    """Schedule, latent and denoiser; computes the negative ELBO per example.
+
+    Args:
+        cfg: the model configuration.
+        shape: image shape (C, H, W).
+        num_values: V, the number of values per pixel.
+    """
+
+    def __init__(self, cfg: ModelConfig, shape: tuple[int, ...], num_values: int):
+        super().__init__()
+        self.cfg, self.shape, self.num_values = cfg, tuple(shape), num_values
+        self.n = math.prod(self.shape)
+        self.latent = build_latent(cfg.latent, self.shape)
+        self.schedule = build_schedule(cfg.schedule, self.shape, self.latent.dim)
+        self.denoiser = UNet(cfg.denoiser, self.shape, cond_dim=self.latent.dim)
+
+    # --- encoding ------------------------------------------------------------------------------------------
+    def encode(self, x: Tensor) -> Tensor:
+        """Integers 0..V-1 -> x_tilde = 2 (x + 0.5) / V - 1 in (-1, 1)."""
+        return 2.0 * (x.float() + 0.5) / self.num_values - 1.0
+
+    def _values(self, device) -> Tensor:
+        """x_tilde(v) for every v in 0..V-1."""
+        return self.encode(torch.arange(self.num_values, device=device))
+
+    # --- the network ---------------------------------------------------------------------------------------
+    def time_input(self, gamma: Tensor) -> Tensor:
+        """The denoiser's time input: the pixel-mean of gamma rescaled to [0, 1] by the configured ends."""
+        s = self.cfg.schedule
+        return (gamma.flatten(1).mean(1) - s.gamma_min) / (s.gamma_max - s.gamma_min)
+
+    def eps_hat(self, x_t: Tensor, g: GammaOut, z: Tensor | None) -> Tensor:
+        """eps_hat(x_t, z, t); a v-prediction network's output is converted by eps = sigma x_t + alpha v."""
+        out = self.denoiser(x_t, self.time_input(g.gamma), z)
+        if self.cfg.prediction == "v":
+            out = g.sigma2.sqrt() * x_t + g.alpha2.sqrt() * out
+        return out
+
+    def condition(self, x: Tensor | None = None, *, z: Tensor | None = None, batch: int | None = None,
+                  strict: bool = True, generator: torch.Generator | None = None) -> Conditioned:
+        """Fix z: inferred from images ``x`` (uint8/long), given directly, or drawn from the prior."""
+        if x is not None:
+            lat = self.latent(self.encode(x), strict=strict, generator=generator)
+            batch = x.shape[0]
+        else:
+            device = next(self.parameters()).device
+            if z is None:
+                z = self.latent.sample_prior(batch, generator=generator, device=device)
+            batch = batch or (z.shape[0] if z is not None else 1)
+            lat = LatentOut(z=z, kl=torch.zeros(batch, device=device), kl_kind="none")
+        bound = self.schedule.bind(lat.z, batch)
+
+        def eps_fn(x_t: Tensor, t: Tensor) -> Tensor:
+            return self.eps_hat(x_t, bound(t), lat.z)
+
+        return Conditioned(z=lat.z, bound=bound, eps_fn=eps_fn, latent=lat)
+
+    # --- the negative ELBO ---------------------------------------------------------------------------------
+    def elbo_terms(self, x: Tensor, *, t: Tensor | None = None, generator: torch.Generator | None = None,
+                   strict: bool | None = None) -> ELBOTerms:
+        """Per-example negative ELBO terms in nats for images ``x`` (B, C, H, W), integers in 0..V-1.
+
+        Args:
+            t: diffusion times (B,) in [0, 1]; default antithetic (or i.i.d. when configured).
+            generator: source of every random draw of this call (noise, times, latent perturbation).
+            strict: charge the strict latent KL (default: in eval mode, or when configured for training).
+        """
+        if strict is None:
+            strict = not self.training or self.cfg.latent.train_kl == "strict"
+        x_tilde = self.encode(x)
+        cond = self.condition(x, strict=strict, generator=generator)
+        bound, z, B = cond.bound, cond.z, x.shape[0]
+        g0 = bound(torch.zeros(B, device=x.device))
+        g1 = bound(torch.ones(B, device=x.device))
+        if t is None:
+            t = (antithetic_times(B, generator=generator, device=x.device) if self.cfg.antithetic
+                 else torch.rand(B, generator=generator, device=x.device))
+        return ELBOTerms(
+            recon=self._recon(x, x_tilde, g0, generator),
+            prior=self._prior(x_tilde, g1),
+            diffusion=self._diffusion(x_tilde, t, bound, z, generator),
+            latent=cond.latent.kl,
+            latent_kl=cond.latent.kl_kind,
+        )
+
+    def decoder_logits(self, x0_rescaled: Tensor, gamma0: Tensor) -> Tensor:
+        """log p(x = v | x_0) up to a constant, (B, C, H, W, V): -1/2 ((x_0' - x_tilde(v)) exp(-gamma_0/2))^2."""
+        inv_std = torch.exp(-0.5 * gamma0).expand_as(x0_rescaled).unsqueeze(-1)
+        diff = x0_rescaled.unsqueeze(-1) - self._values(x0_rescaled.device)
+        return -0.5 * (diff * inv_std).square()
+
+    def _recon(self, x: Tensor, x_tilde: Tensor, g0: GammaOut, generator) -> Tensor:
+        # SPEC 1: x_0' = x_tilde + exp(gamma_0/2) eps is x_0 / alpha_0; discrete decoder over the V values.
+        eps = torch.randn(x_tilde.shape, generator=generator, device=x.device)
+        x0 = x_tilde + torch.exp(0.5 * g0.gamma) * eps
+        logp = F.log_softmax(self.decoder_logits(x0, g0.gamma), dim=-1)
+        return -logp.gather(-1, x.long().unsqueeze(-1)).squeeze(-1).flatten(1).sum(1)
+
+    def _prior(self, x_tilde: Tensor, g1: GammaOut) -> Tensor:
+        # SPEC 2: KL(N(alpha_1 x, sigma_1^2) || N(0, 1)) per pixel, summed.
+        alpha2, sigma2 = g1.alpha2, g1.sigma2
+        kl = 0.5 * (alpha2 * x_tilde.square() + sigma2 - F.logsigmoid(g1.gamma) - 1.0)
+        return kl.flatten(1).sum(1)
+
+    def _diffusion(self, x_tilde: Tensor, t: Tensor, bound: BoundSchedule, z: Tensor | None, generator) -> Tensor:
+        T = self.cfg.timesteps
+        if T > 0:  # discrete time: t on the grid {1/T, ..., 1}, s = t - 1/T
+            t = (torch.floor(t * T) + 1.0) / T
+        g = bound(t)
+        eps = torch.randn(x_tilde.shape, generator=generator, device=x_tilde.device)
+        x_t = g.alpha2.sqrt() * x_tilde + g.sigma2.sqrt() * eps
+        err = (eps - self.eps_hat(x_t, g, z)).square()
+        if T > 0:
+            # SPEC 3, discrete: 1/2 T sum expm1(gamma_t - gamma_s) (eps - eps_hat)^2
+            weight = T * torch.expm1(g.gamma - bound(t - 1.0 / T).gamma)
+        else:
+            # SPEC 3, continuous: 1/2 sum gamma'(t) (eps - eps_hat)^2
+            weight = g.dgamma_dt
+        return 0.5 * (weight * err).flatten(1).sum(1)

@@ -1,0 +1,97 @@
+"""Named configurations. Every preset also exists with a ``-v`` suffix for v-prediction.
+
+Digits presets are sized for a laptop CPU (the README's main job); CIFAR-10 / ImageNet-32 presets follow
+the paper (SPEC "The denoiser") and are meant for GPUs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+from mulan.config import (Config, DataConfig, DenoiserConfig, EvalConfig, LatentConfig, ModelConfig,
+                          ScheduleConfig, TrainConfig, validate)
+from mulan.errors import ConfigError
+
+
+def _digits(schedule: ScheduleConfig, latent: LatentConfig | None = None) -> Config:
+    return Config(
+        data=DataConfig(name="digits", shape=(1, 8, 8), num_values=17),
+        model=ModelConfig(
+            schedule=schedule,
+            latent=latent or LatentConfig(kind="none"),
+            # 8x8 images: a narrow, shallow U-Net; Fourier features at frequencies that resolve V = 17 levels.
+            denoiser=DenoiserConfig(channels=64, num_blocks=4, groups=16, dropout=0.1, fourier_min=2, fourier_max=3),
+        ),
+        train=TrainConfig(steps=1500, batch_size=128, lr=1e-3, warmup_steps=100, ema_decay=0.999,
+                          eval_every=500, eval_images=360, checkpoint_every=500),
+        eval=EvalConfig(time_points=128, batch_size=360, sample_steps=1000, num_samples=64),
+    )
+
+
+# The latent for 64-pixel digits: log C(8, 2) = 3.33 nats = 0.075 bits/dim charged at evaluation.
+_DIGITS_LATENT = LatentConfig(kind="khot", m=8, k=2, encoder_channels=32)
+
+
+def _mulan_schedule(**kw) -> ScheduleConfig:
+    return ScheduleConfig(kind="polynomial", decoder="conv", hidden=32, **kw)
+
+
+def _paper(dataset: str, mulan: bool) -> Config:
+    cifar = dataset == "cifar10"
+    data = DataConfig(name=dataset, shape=(3, 32, 32), num_values=256)
+    schedule = (ScheduleConfig(kind="polynomial", decoder="dense") if mulan
+                else ScheduleConfig(kind="learned_linear"))
+    latent = LatentConfig(kind="khot", m=50, k=15, encoder_channels=64) if mulan else LatentConfig(kind="none")
+    return Config(
+        data=data,
+        model=ModelConfig(schedule=schedule, latent=latent,
+                          denoiser=DenoiserConfig(channels=128 if cifar else 256, num_blocks=32, dropout=0.1)),
+        train=TrainConfig(steps=10_000_000, batch_size=128 if cifar else 512, lr=2e-4, warmup_steps=100,
+                          ema_decay=0.9999, eval_every=50_000, eval_images=1024, checkpoint_every=10_000),
+        eval=EvalConfig(time_points=128, batch_size=128),
+    )
+
+
+PRESETS: dict[str, Callable[[], Config]] = {
+    # VDM family on the bundled digits
+    "digits-fixed": lambda: _digits(ScheduleConfig(kind="fixed_linear")),
+    "digits-vdm": lambda: _digits(ScheduleConfig(kind="learned_linear")),
+    "digits-vdm-net": lambda: _digits(ScheduleConfig(kind="monotone_net")),
+    # MuLAN and its ablations on the bundled digits
+    "digits-mulan": lambda: _digits(_mulan_schedule(), _DIGITS_LATENT),
+    "digits-mulan-no-latent": lambda: _digits(_mulan_schedule()),
+    "digits-mulan-scalar": lambda: _digits(_mulan_schedule(pixel_mean=True), _DIGITS_LATENT),
+    "digits-mulan-nonadaptive": lambda: _digits(_mulan_schedule(adaptive=False), _DIGITS_LATENT),
+    # Paper sizes, for GPUs
+    "cifar10-vdm": lambda: _paper("cifar10", mulan=False),
+    "cifar10-mulan": lambda: _paper("cifar10", mulan=True),
+    "imagenet32-vdm": lambda: _paper("imagenet32", mulan=False),
+    "imagenet32-mulan": lambda: _paper("imagenet32", mulan=True),
+}
+
+
+def preset_names() -> list[str]:
+    """All preset names, each also with a '-v' (v-prediction) variant."""
+    return sorted([*PRESETS, *(f"{name}-v" for name in PRESETS)])
+
+
+def get_preset(name: str) -> Config:
+    """The validated config of preset ``name``."""
+    base, v = (name[:-2], True) if name.endswith("-v") and name[:-2] in PRESETS else (name, False)
+    if base not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}")
+    cfg = PRESETS[base]()
+    cfg.preset = name
+    if v:
+        cfg.model.prediction = "v"
+    return validate(cfg)
+
+
+def latent_cost_bpd(cfg: Config) -> float:
+    """Bits/dim charged by the strict latent KL at evaluation (log C(m, k) for a k-hot latent, else 0)."""
+    lat = cfg.model.latent
+    if lat.kind != "khot":
+        return 0.0
+    log_comb = math.lgamma(lat.m + 1) - math.lgamma(lat.k + 1) - math.lgamma(lat.m - lat.k + 1)
+    return log_comb / (cfg.data.n * math.log(2.0))

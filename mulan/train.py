@@ -1,0 +1,233 @@
+"""Training: AdamW with warm-up, EMA, gradient clipping, periodic held-out evaluation, checkpoints, resume.
+
+Every random draw of step i (batch order, noise, times, latent perturbation, dropout) is a function of
+(seed, i) alone, so a run resumed from a checkpoint continues exactly as if it had not stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from mulan.checkpoint import load_checkpoint, load_weights, require, save_checkpoint
+from mulan.config import Config, to_dict
+from mulan.data import ImageDataset, load_splits
+from mulan.diffusion import Diffusion, bits_per_dim
+from mulan.ema import EMA
+from mulan.errors import ConfigError, MulanError
+from mulan.likelihood.elbo import elbo_per_image
+
+
+def build_model(cfg: Config) -> Diffusion:
+    """The model a config describes."""
+    return Diffusion(cfg.model, tuple(cfg.data.shape), cfg.data.num_values)
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when available."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device {name!r} is not a device name (auto, cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device is {name!r} but CUDA is not available")
+    return device
+
+
+def step_seed(seed: int, step: int, stream: int = 0) -> int:
+    """A seed for (run seed, step, stream), well mixed and within 63 bits."""
+    return (seed * 1_000_003 + step * 7_919 + stream * 104_729) % (2**63 - 1)
+
+
+def batch_indices(n: int, batch: int, seed: int, step: int) -> Tensor:
+    """Indices of the batch of ``step``: epochs of fixed permutations, each a function of (seed, epoch)."""
+    per_epoch = max(n // batch, 1)
+    epoch, offset = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(step_seed(seed, epoch, stream=1)))
+    idx = perm[offset * batch:(offset + 1) * batch]
+    return idx if len(idx) == batch else perm[torch.arange(batch) % n]
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Linear warm-up to ``train.lr`` over ``warmup_steps``, then constant (VDM)."""
+    w = cfg.train.warmup_steps
+    return cfg.train.lr * min(1.0, (step + 1) / w) if w > 0 else cfg.train.lr
+
+
+@dataclass
+class StepOut:
+    loss_bpd: float  # negative ELBO of the batch, bits/dim
+    terms: dict[str, float]  # each ELBO term, nats per image
+    grad_norm: float
+    finite: bool  # False: the step was skipped
+
+
+def train_step(model: Diffusion, opt: torch.optim.Optimizer, x: Tensor, *, generator: torch.Generator,
+               grad_clip: float) -> StepOut:
+    """One optimisation step on a batch; a non-finite loss or gradient leaves the weights untouched."""
+    opt.zero_grad(set_to_none=True)
+    terms = model.elbo_terms(x, generator=generator)
+    loss = terms.total.mean()
+    finite = bool(torch.isfinite(loss))
+    grad_norm = float("nan")
+    if finite:
+        loss.backward()
+        params = [p for p in model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+        grad_norm = float(norm)
+        finite = math.isfinite(grad_norm)
+        if finite:
+            opt.step()
+    opt.zero_grad(set_to_none=True)
+    return StepOut(loss_bpd=float(bits_per_dim(loss.detach(), model.n)),
+                   terms={k: float(v.detach().mean()) for k, v in terms.as_dict().items()},
+                   grad_norm=grad_norm, finite=finite)
+
+
+def evaluate_bpd(model: Diffusion, data: ImageDataset, *, images: int, time_points: int, batch_size: int,
+                 seed: int) -> tuple[float, float, int]:
+    """Mean held-out negative ELBO (bits/dim), its 95% half-width, and the number of images used."""
+    from mulan.likelihood.stats import mean_ci
+
+    x = data.images[:images] if images > 0 else data.images
+    res = elbo_per_image(model, x, time_points=time_points, batch_size=batch_size,
+                         generator=torch.Generator(next(model.parameters()).device).manual_seed(seed))
+    mean, half = mean_ci(res.bpd(model.n))
+    return float(mean), float(half), int(x.shape[0])
+
+
+class MetricsLog:
+    """JSON lines in ``metrics.jsonl`` plus TensorBoard scalars when tensorboard is installed."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        except Exception:  # tensorboard is optional
+            self.tb = None
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(f"{record.get('kind', 'train')}/{k}", v, record["step"])
+
+    def image(self, tag: str, grid: Tensor, step: int) -> None:
+        if self.tb is not None:
+            self.tb.add_image(tag, grid, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+@dataclass
+class TrainResult:
+    model: Diffusion  # the EMA model, in eval mode
+    train_set: ImageDataset
+    test_set: ImageDataset
+    step: int  # steps done in total
+    best_bpd: float  # best periodic held-out bound (inf when none ran)
+    images_per_s: float  # training throughput of this invocation
+
+
+def train(cfg: Config, run_dir: Path, *, resume: bool = False,
+          progress: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train (or resume) a run in ``run_dir``; checkpoints go to ``run_dir/checkpoints``."""
+    device = resolve_device(cfg.train.device)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    ckpt_dir = run_dir / "checkpoints"
+    state = None
+    if resume:
+        state = load_checkpoint(ckpt_dir / "last.pt")
+        require(state, "model", "ema", "optimizer", "step", path=ckpt_dir / "last.pt")
+        old = state["config"]
+        for section in ("data", "model"):
+            if to_dict(getattr(old, section)) != to_dict(getattr(cfg, section)):
+                raise ConfigError(f"--resume: the {section} config differs from the checkpoint's; only train/eval settings may change")
+    train_set, test_set = load_splits(cfg.data)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg).to(device)
+    ema = EMA(model, cfg.train.ema_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2),
+                            weight_decay=cfg.train.weight_decay)
+    start, best, bad_run = 0, float("inf"), 0
+    if state is not None:
+        load_weights(model, state["model"], ckpt_dir / "last.pt")
+        load_weights(ema.shadow, state["ema"], ckpt_dir / "last.pt", "EMA")
+        opt.load_state_dict(state["optimizer"])
+        start, best = int(state["step"]), float(state.get("best_bpd", float("inf")))
+    log = MetricsLog(run_dir)
+    fingerprints = {"train": train_set.fingerprint(), "test": test_set.fingerprint()}
+
+    def checkpoint(step: int, name: str = "last.pt") -> None:
+        payload = {"config": cfg, "step": step, "model": model.state_dict(), "ema": ema.shadow.state_dict(),
+                   "optimizer": opt.state_dict(), "best_bpd": best, "data": fingerprints}
+        save_checkpoint(ckpt_dir / name, payload)
+        if name == "last.pt" and cfg.train.keep_checkpoints > 0 and step % cfg.train.checkpoint_every == 0:
+            save_checkpoint(ckpt_dir / f"step-{step:08d}.pt", payload)
+            for old_file in sorted(ckpt_dir.glob("step-*.pt"))[:-cfg.train.keep_checkpoints]:
+                old_file.unlink(missing_ok=True)
+
+    images = train_set.images
+    t0, seen = time.perf_counter(), 0
+    model.train()
+    for step in range(start, cfg.train.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        x = images[batch_indices(len(images), cfg.train.batch_size, cfg.train.seed, step)].to(device)
+        torch.manual_seed(step_seed(cfg.train.seed, step, stream=2))  # dropout
+        gen = torch.Generator(device).manual_seed(step_seed(cfg.train.seed, step, stream=3))
+        out = train_step(model, opt, x, generator=gen, grad_clip=cfg.train.grad_clip)
+        seen += x.shape[0]
+        if out.finite:
+            bad_run = 0
+            ema.update(model, step)
+        else:
+            bad_run += 1
+            log.write({"kind": "train", "step": step + 1, "nonfinite": True, "consecutive": bad_run})
+            if bad_run >= cfg.train.max_nonfinite:
+                last = ckpt_dir / "last.pt"
+                raise MulanError(f"training stopped at step {step + 1}: {bad_run} consecutive non-finite losses; "
+                                 f"last good checkpoint: {last if last.exists() else 'none'}")
+        done = step + 1
+        ips = seen / max(time.perf_counter() - t0, 1e-9)
+        record = {"kind": "train", "step": done, "loss_bpd": out.loss_bpd, **out.terms,
+                  "grad_norm": out.grad_norm, "lr": opt.param_groups[0]["lr"], "images_per_s": ips}
+        if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+            log.write(record)
+        if cfg.train.eval_every and done % cfg.train.eval_every == 0:
+            eval_bpd, half, count = evaluate_bpd(ema.shadow, test_set, images=cfg.train.eval_images,
+                                                 time_points=cfg.train.eval_time_points,
+                                                 batch_size=cfg.eval.batch_size, seed=cfg.train.seed)
+            if eval_bpd < best:
+                best = eval_bpd
+                checkpoint(done, "best.pt")
+            log.write({"kind": "eval", "step": done, "test_bpd": eval_bpd, "ci95": half, "images": count,
+                       "time_points": cfg.train.eval_time_points, "estimator": "elbo"})
+            record["test_bpd"] = eval_bpd
+        if progress is not None:
+            progress(record)
+        if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
+            checkpoint(done)
+    if start >= cfg.train.steps and state is None:
+        checkpoint(start)
+    log.close()
+    return TrainResult(model=ema.shadow.eval(), train_set=train_set, test_set=test_set,
+                       step=max(start, cfg.train.steps), best_bpd=best,
+                       images_per_s=seen / max(time.perf_counter() - t0, 1e-9) if seen else 0.0)

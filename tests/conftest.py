@@ -1,0 +1,28 @@
+"""Shared fixtures: tiny configurations that train in seconds on a CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mulan.config import Config, apply_overrides
+from mulan.presets import get_preset
+
+TINY = [
+    "model.denoiser.channels=16", "model.denoiser.num_blocks=1", "model.denoiser.groups=4",
+    "model.denoiser.dropout=0.0", "train.steps=3", "train.batch_size=16", "train.warmup_steps=1",
+    "train.log_every=1", "train.checkpoint_every=2", "train.eval_every=0", "eval.time_points=2",
+    "eval.sample_steps=4", "eval.num_samples=4", "eval.batch_size=64", "data.limit=64",
+]
+
+
+def tiny(preset: str = "digits-vdm", *extra: str) -> Config:
+    """A preset shrunk to a tiny denoiser and a few steps."""
+    return apply_overrides(get_preset(preset), [*TINY, *extra])
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    yield
