@@ -1,0 +1,31 @@
+# Set-up and the two entry points of the README. Everything installs into .venv.
+# Bring your own torch (>= 2.4) with e.g. `make run TORCH="torch==2.5.1"`; this repo's CI pins the CPU wheel.
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+PRESET ?= digits-mulan
+OUT    ?= runs/$(PRESET)-$(shell date +%Y%m%d-%H%M%S)
+BIN     = $(VENV)/bin
+
+.PHONY: run test install clean
+
+install: $(VENV)/.installed
+
+# torch is installed first and on its own, so nothing else can make pip pick another torch build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+	touch $@
+
+# The main job: train MuLAN on the bundled digits, evaluate the whole test split, sample, plot.
+run: install
+	$(BIN)/mulan train --preset $(PRESET) --out $(OUT)
+
+# The test suite (two worker processes).
+test: install
+	$(BIN)/python -m pytest -n 2 -q tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

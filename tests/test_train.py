@@ -1,0 +1,96 @@
+"""Training: determinism, save/load round trips, exact resume, non-finite steps never reach the weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny
+from mulan.checkpoint import load_checkpoint, load_weights
+from mulan.errors import MulanError
+from mulan.train import batch_indices, build_model, lr_at, train
+
+
+def losses(run_dir):
+    return [r["loss_bpd"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "train"]
+
+
+@pytest.mark.parametrize("preset", ["digits-vdm", "digits-mulan"])
+def test_same_seed_same_losses_and_weights(tmp_path, preset):
+    cfg = tiny(preset, "model.denoiser.dropout=0.1")
+    a = train(cfg, tmp_path / "a")
+    b = train(cfg, tmp_path / "b")
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    for p, q in zip(a.model.state_dict().values(), b.model.state_dict().values()):
+        assert torch.equal(p, q)
+    c = train(tiny(preset, "train.seed=1"), tmp_path / "c")
+    assert losses(tmp_path / "c") != losses(tmp_path / "a")
+
+
+def test_save_load_gives_identical_elbo(tmp_path):
+    cfg = tiny("digits-mulan")
+    result = train(cfg, tmp_path)
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    model = build_model(state["config"]).eval()
+    load_weights(model, state["ema"], "last.pt")
+    x = result.test_set.images[:8]
+    a = result.model.elbo_terms(x, generator=torch.Generator().manual_seed(5)).total
+    b = model.elbo_terms(x, generator=torch.Generator().manual_seed(5)).total
+    assert torch.equal(a, b)
+    assert state["step"] == 3 and state["config"] == cfg
+
+
+def test_resume_continues_exactly(tmp_path):
+    full = train(tiny("digits-mulan", "train.steps=4", "model.denoiser.dropout=0.1"), tmp_path / "full")
+    train(tiny("digits-mulan", "train.steps=2", "model.denoiser.dropout=0.1"), tmp_path / "part")
+    resumed = train(tiny("digits-mulan", "train.steps=4", "model.denoiser.dropout=0.1"), tmp_path / "part", resume=True)
+    for p, q in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(p, q)
+    assert losses(tmp_path / "part") == losses(tmp_path / "full")
+
+
+def test_resume_refuses_another_model(tmp_path):
+    train(tiny("digits-vdm"), tmp_path)
+    with pytest.raises(MulanError, match="model config differs"):
+        train(tiny("digits-vdm", "model.denoiser.channels=8"), tmp_path, resume=True)
+
+
+def test_nonfinite_loss_skips_steps_then_stops(tmp_path, monkeypatch):
+    from mulan import diffusion
+
+    real = diffusion.Diffusion.elbo_terms
+    calls = {"n": 0}
+
+    def poisoned(self, x, **kw):
+        terms = real(self, x, **kw)
+        calls["n"] += 1
+        if self.training and calls["n"] >= 2:
+            terms.diffusion = terms.diffusion * float("nan")
+        return terms
+
+    monkeypatch.setattr(diffusion.Diffusion, "elbo_terms", poisoned)
+    cfg = tiny("digits-vdm", "train.steps=10", "train.max_nonfinite=3", "train.checkpoint_every=1")
+    with pytest.raises(MulanError, match=r"step 4: 3 consecutive non-finite.*last.pt"):
+        train(cfg, tmp_path)
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert state["step"] == 3  # skipped steps leave the weights as they were: finite
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.dtype.is_floating_point)
+    nonfinite = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if r.get("nonfinite")]
+    assert len(nonfinite) == 3
+
+
+def test_batches_cover_each_epoch_once_and_depend_only_on_seed_and_step():
+    n, b = 50, 10
+    epoch = torch.cat([batch_indices(n, b, seed=0, step=s) for s in range(5)])
+    assert sorted(epoch.tolist()) == list(range(n))
+    assert torch.equal(batch_indices(n, b, 0, 7), batch_indices(n, b, 0, 7))
+    assert not torch.equal(batch_indices(n, b, 0, 5), batch_indices(n, b, 1, 5))
+
+
+def test_warmup_is_linear_then_constant():
+    cfg = tiny("digits-vdm", "train.warmup_steps=10", "train.lr=0.001")
+    assert lr_at(0, cfg) == pytest.approx(1e-4) and lr_at(4, cfg) == pytest.approx(5e-4)
+    assert lr_at(9, cfg) == lr_at(500, cfg) == pytest.approx(1e-3)
