@@ -113,10 +113,17 @@ def finish_run(model, cfg: Config, test_set, out: Path, *, step: int, seed: int,
     steps = cfg.eval.sample_steps if not quick else 10
     samples = ancestral_sample(model, cfg.eval.num_samples, steps=steps, generator=gen)
     save_grid(samples, cfg.data.num_values, out / "samples.png")
+    from mulan.plots import schedule_figures, training_curves
+
+    figures = out / "figures"
+    schedule_figures(model, test_set.images, figures, sample_steps=min(steps, 250), seed=seed)
+    if (out / "metrics.jsonl").is_file():
+        training_curves(out / "metrics.jsonl", figures / "training_curves.png")
     metrics = {"step": step, "test": summary.__dict__, "latent_cost_bpd_strict": latent_cost_bpd(cfg),
                "sample_steps": steps}
     (out / "results.json").write_text(json.dumps(metrics, indent=2, default=str))
-    print(f"samples ({steps} ancestral steps): {out / 'samples.png'}; results: {out / 'results.json'}")
+    print(f"samples ({steps} ancestral steps): {out / 'samples.png'}; figures: {figures}/; "
+          f"results: {out / 'results.json'}")
 
 
 def cmd_eval(args) -> None:
@@ -151,6 +158,17 @@ def cmd_sample(args) -> None:
                               generator=gen)
     save_grid(images, cfg.data.num_values, out)
     print(f"wrote {images.shape[0]} samples to {out}")
+
+
+def cmd_plot_schedule(args) -> None:
+    from mulan.data import load_splits
+    from mulan.plots import schedule_figures
+
+    model, cfg, _ = _load_model(args.checkpoint, args.overrides)
+    _, test_set = load_splits(cfg.data)
+    out = _writable_dir(Path(args.out) if args.out else Path(args.checkpoint).resolve().parent.parent / "figures")
+    for path in schedule_figures(model, test_set.images, out, sample_steps=args.steps, seed=args.seed):
+        print(f"wrote {path}")
 
 
 # --- parser -------------------------------------------------------------------------------------------------
@@ -189,6 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="PNG path (default RUN_DIR/samples.png)")
     s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="eval.*/train.device overrides")
     s.set_defaults(func=cmd_sample)
+
+    f = sub.add_parser("plot-schedule", help="PNG figures of the learned noise schedule of a checkpoint")
+    f.add_argument("checkpoint")
+    f.add_argument("--out", help="folder (default RUN_DIR/figures)")
+    f.add_argument("--steps", type=int, default=250, help="ancestral steps for the samples-per-z figure")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="data.*/train.device overrides")
+    f.set_defaults(func=cmd_plot_schedule)
 
     ps = sub.add_parser("presets", help="list the named configurations")
     ps.set_defaults(func=cmd_presets)

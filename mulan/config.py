@@ -52,8 +52,9 @@ class ScheduleConfig:
     pixel_mean: bool = False  # average a per-pixel schedule over pixels (the "scalar" ablation)
     adaptive: bool = True  # feed z to the schedule network; False feeds a constant (the "non-adaptive" ablation)
     decoder: Literal["dense", "conv", "lowrank"] = "conv"  # network mapping z to per-pixel coefficients
-    hidden: int = 64  # width of the schedule network (channels for 'conv', units for 'dense', rank for 'lowrank')
-    monotone_features: int = 1024  # hidden units of the (pixel) monotone network
+    hidden: int = 64  # 'conv': channels; 'lowrank': MLP width and rank ('dense' is the reference's, n units wide)
+    monotone_features: int = 1024  # hidden units of the scalar monotone network ('monotone_net')
+    pixel_features: int = 8  # sigmoid features per pixel of 'pixel_monotone_net'
 
 
 @dataclass
@@ -263,7 +264,8 @@ def validate(cfg: Config) -> Config:
     need(d.limit >= 0, f"data.limit must be >= 0, got {d.limit}")
     need(math.isfinite(s.gamma_min) and math.isfinite(s.gamma_max), "schedule end points must be finite")
     need(s.gamma_min < s.gamma_max, f"model.schedule.gamma_min ({s.gamma_min}) must be below gamma_max ({s.gamma_max})")
-    need(s.hidden > 0 and s.monotone_features > 0, "model.schedule.hidden and monotone_features must be positive")
+    need(s.hidden > 0 and s.monotone_features > 0 and s.pixel_features > 0,
+         "model.schedule.hidden, monotone_features and pixel_features must be positive")
     need(m.timesteps >= 0, f"model.timesteps must be >= 0 (0 = continuous time), got {m.timesteps}")
     need(lat.m >= 1, f"model.latent.m must be >= 1, got {lat.m}")
     if lat.kind == "khot":

@@ -111,8 +111,10 @@ class Diffusion(nn.Module):
         else:
             device = next(self.parameters()).device
             if z is None:
+                if batch is None:
+                    raise ValueError("condition() needs images x, a latent z, or a batch size")
                 z = self.latent.sample_prior(batch, generator=generator, device=device)
-            batch = batch or (z.shape[0] if z is not None else 1)
+            batch = z.shape[0] if z is not None else batch
             lat = LatentOut(z=z, kl=torch.zeros(batch, device=device), kl_kind="none")
         bound = self.schedule.bind(lat.z, batch)
 

@@ -26,7 +26,6 @@ from mulan.config import ScheduleConfig
 from mulan.schedules.base import BoundSchedule, GammaOut, Schedule, as_col
 from mulan.schedules.decoders import build_decoder
 
-PIXEL_MONOTONE_FEATURES = 8  # K sigmoid features per pixel of PixelMonotoneSchedule
 
 
 class PixelSchedule(Schedule):
@@ -137,10 +136,9 @@ class PixelMonotoneSchedule(PixelSchedule):
     of the linear schedule. f'(t) is closed form.
     """
 
-    features = PIXEL_MONOTONE_FEATURES
-    n_maps = PIXEL_MONOTONE_FEATURES + 1  # l and w_1..w_K
-
     def __init__(self, cfg: ScheduleConfig, shape: tuple[int, int, int], latent_dim: int):
+        self.features = cfg.pixel_features  # K sigmoid features per pixel
+        self.n_maps = cfg.pixel_features + 1  # l and w_1..w_K
         super().__init__(cfg, shape, latent_dim)
         K = self.features
         centres = torch.arange(K, dtype=torch.float32) / max(K - 1, 1)
