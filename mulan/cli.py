@@ -109,7 +109,7 @@ def finish_run(model, cfg: Config, test_set, out: Path, *, step: int, seed: int,
                             batch_size=cfg.eval.batch_size, seed=seed, out_dir=out)
     summary.checkpoint, summary.step = str(out / "checkpoints" / "last.pt"), step
     print("\n".join(summary.lines()))
-    gen = torch.Generator(next(model.parameters()).device).manual_seed(seed)
+    gen = torch.Generator(model.device).manual_seed(seed)
     steps = cfg.eval.sample_steps if not quick else 10
     samples = ancestral_sample(model, cfg.eval.num_samples, steps=steps, generator=gen)
     save_grid(samples, cfg.data.num_values, out / "samples.png")
@@ -153,7 +153,7 @@ def cmd_sample(args) -> None:
     model, cfg, _ = _load_model(args.checkpoint, args.overrides)
     out = Path(args.out or Path(args.checkpoint).resolve().parent.parent / "samples.png")
     _writable_dir(out.parent)
-    gen = torch.Generator(next(model.parameters()).device).manual_seed(args.seed)
+    gen = torch.Generator(model.device).manual_seed(args.seed)
     images = ancestral_sample(model, args.num or cfg.eval.num_samples, steps=args.steps or cfg.eval.sample_steps,
                               generator=gen)
     save_grid(images, cfg.data.num_values, out)

@@ -79,11 +79,21 @@ class Diffusion(nn.Module):
         self.latent = build_latent(cfg.latent, self.shape)
         self.schedule = build_schedule(cfg.schedule, self.shape, self.latent.dim)
         self.denoiser = UNet(cfg.denoiser, self.shape, cond_dim=self.latent.dim)
+        self.register_buffer("_probe", torch.zeros(()), persistent=False)  # follows .to(dtype/device)
 
     # --- encoding ------------------------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's floating-point type (float32 unless converted with ``.double()`` etc.)."""
+        return self._probe.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._probe.device
+
     def encode(self, x: Tensor) -> Tensor:
         """Integers 0..V-1 -> x_tilde = 2 (x + 0.5) / V - 1 in (-1, 1)."""
-        return 2.0 * (x.float() + 0.5) / self.num_values - 1.0
+        return 2.0 * (x.to(self.dtype) + 0.5) / self.num_values - 1.0
 
     def _values(self, device) -> Tensor:
         """x_tilde(v) for every v in 0..V-1."""
@@ -109,7 +119,7 @@ class Diffusion(nn.Module):
             lat = self.latent(self.encode(x), strict=strict, generator=generator)
             batch = x.shape[0]
         else:
-            device = next(self.parameters()).device
+            device = self.device
             if z is None:
                 if batch is None:
                     raise ValueError("condition() needs images x, a latent z, or a batch size")
@@ -138,11 +148,11 @@ class Diffusion(nn.Module):
         x_tilde = self.encode(x)
         cond = self.condition(x, strict=strict, generator=generator)
         bound, z, B = cond.bound, cond.z, x.shape[0]
-        g0 = bound(torch.zeros(B, device=x.device))
-        g1 = bound(torch.ones(B, device=x.device))
+        g0 = bound(torch.zeros(B, device=x.device, dtype=x_tilde.dtype))
+        g1 = bound(torch.ones(B, device=x.device, dtype=x_tilde.dtype))
         if t is None:
             t = (antithetic_times(B, generator=generator, device=x.device) if self.cfg.antithetic
-                 else torch.rand(B, generator=generator, device=x.device))
+                 else torch.rand(B, generator=generator, device=x.device)).to(x_tilde.dtype)
         return ELBOTerms(
             recon=self._recon(x, x_tilde, g0, generator),
             prior=self._prior(x_tilde, g1),
@@ -159,7 +169,7 @@ class Diffusion(nn.Module):
 
     def _recon(self, x: Tensor, x_tilde: Tensor, g0: GammaOut, generator) -> Tensor:
         # SPEC 1: x_0' = x_tilde + exp(gamma_0/2) eps is x_0 / alpha_0; discrete decoder over the V values.
-        eps = torch.randn(x_tilde.shape, generator=generator, device=x.device)
+        eps = torch.randn(x_tilde.shape, generator=generator, device=x.device, dtype=x_tilde.dtype)
         x0 = x_tilde + torch.exp(0.5 * g0.gamma) * eps
         logp = F.log_softmax(self.decoder_logits(x0, g0.gamma), dim=-1)
         return -logp.gather(-1, x.long().unsqueeze(-1)).squeeze(-1).flatten(1).sum(1)
@@ -175,7 +185,7 @@ class Diffusion(nn.Module):
         if T > 0:  # discrete time: t on the grid {1/T, ..., 1}, s = t - 1/T
             t = (torch.floor(t * T) + 1.0) / T
         g = bound(t)
-        eps = torch.randn(x_tilde.shape, generator=generator, device=x_tilde.device)
+        eps = torch.randn(x_tilde.shape, generator=generator, device=x_tilde.device, dtype=x_tilde.dtype)
         x_t = g.alpha2.sqrt() * x_tilde + g.sigma2.sqrt() * eps
         err = (eps - self.eps_hat(x_t, g, z)).square()
         if T > 0:

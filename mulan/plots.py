@@ -108,7 +108,7 @@ def samples_per_z(model: Diffusion, path: Path, *, num_z: int = 4, per_z: int = 
     from mulan.images import save_grid
     from mulan.sampling import ancestral_sample
 
-    device = next(model.parameters()).device
+    device = model.device
     gen = torch.Generator(device).manual_seed(seed)
     z = model.latent.sample_prior(num_z, generator=gen, device=device)
     z = z.repeat_interleave(per_z, 0) if z is not None else None
@@ -121,7 +121,7 @@ def schedule_figures(model: Diffusion, test_images: Tensor, out_dir: Path, *, sa
     """All schedule figures for a model, written to ``out_dir``; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
-    x = test_images[:64].to(next(model.parameters()).device)
+    x = test_images[:64].to(model.device)
     paths = [out_dir / n for n in ("gamma_heatmaps.png", "snr_curves.png", "gamma_variance_across_z.png",
                                    "samples_per_z.png")]
     heatmaps(model, x[:4], paths[0])

@@ -60,7 +60,7 @@ def evaluate_elbo(model: Diffusion, data: ImageDataset, *, time_points: int, bat
 
     model.eval()
     images = data.images[:limit] if 0 < limit < len(data) else data.images
-    device = next(model.parameters()).device
+    device = model.device
     t0 = time.perf_counter()
     res = elbo_per_image(model, images, time_points=time_points, batch_size=batch_size,
                          generator=torch.Generator(device).manual_seed(seed), callback=callback)

@@ -35,7 +35,7 @@ def ancestral_sample(model: Diffusion, num: int, *, steps: int = 1000, z: Tensor
     With a = sigmoid(-gamma_s), b = sigmoid(-gamma_t), c = -expm1(gamma_s - gamma_t):
     x_s = sqrt(a / b) (x_t - sigma_t c eps_hat) + sqrt((1 - a) c) eps.
     """
-    device = next(model.parameters()).device
+    device = model.device
     cond = model.condition(z=z, batch=num, generator=generator)
     x_t = torch.randn((num, *model.shape), generator=generator, device=device)
     ones = torch.ones(num, device=device)

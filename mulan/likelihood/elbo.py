@@ -41,7 +41,7 @@ def elbo_per_image(model: Diffusion, images: Tensor, *, time_points: int = 128, 
     (stratified); every term is averaged over them. The model is evaluated as it is (call ``.eval()``
     first for the strict latent KL and no dropout).
     """
-    device = next(model.parameters()).device
+    device = model.device
     sums: dict[str, list[Tensor]] = {"recon": [], "prior": [], "diffusion": [], "latent": []}
     kind = "none"
     for start in range(0, images.shape[0], batch_size):
