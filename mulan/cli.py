@@ -46,6 +46,8 @@ def _progress_bar(total: int, initial: int, enabled: bool):
 
 def _load_model(checkpoint: str, overrides: list[str], *, ema: bool = True):
     """(model, config, state) from a checkpoint; data overrides (e.g. data.path=...) may point at moved files."""
+    import torch
+
     from mulan.checkpoint import load_checkpoint, load_weights, require
     from mulan.train import build_model, resolve_device
 
@@ -55,6 +57,8 @@ def _load_model(checkpoint: str, overrides: list[str], *, ema: bool = True):
     if bad:
         raise ConfigError(f"only data.*, eval.*, train.device and train.threads can be overridden here, not {bad[0]!r}")
     cfg = apply_overrides(state["config"], overrides)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
     model = build_model(cfg)
     load_weights(model, state["ema" if ema else "model"], checkpoint, "EMA" if ema else "model")
     return model.to(resolve_device(cfg.train.device)).eval(), cfg, state

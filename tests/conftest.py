@@ -13,6 +13,7 @@ TINY = [
     "model.denoiser.dropout=0.0", "train.steps=3", "train.batch_size=16", "train.warmup_steps=1",
     "train.log_every=1", "train.checkpoint_every=2", "train.eval_every=0", "eval.time_points=2",
     "eval.sample_steps=4", "eval.num_samples=4", "eval.batch_size=64", "data.limit=64",
+    "train.threads=1",  # tests run two at a time on two cores: more threads would oversubscribe them
 ]
 
 

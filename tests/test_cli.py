@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,8 @@ CLI = [sys.executable, "-m", "mulan"]
 
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tests run two at a time on two cores
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=cwd, timeout=300, env=env)
 
 
 def run_here(capsys, *args: str) -> subprocess.CompletedProcess:
