@@ -76,7 +76,8 @@ def train_step(model: Diffusion, opt: torch.optim.Optimizer, x: Tensor, *, gener
     """One optimisation step on a batch; a non-finite loss or gradient leaves the weights untouched."""
     opt.zero_grad(set_to_none=True)
     terms = model.elbo_terms(x, generator=generator)
-    loss = terms.total.mean()
+    # The objective in bits/dim (as VDM): the gradient's scale, and so `grad_clip`, does not grow with n.
+    loss = bits_per_dim(terms.total, model.n).mean()
     finite = bool(torch.isfinite(loss))
     grad_norm = float("nan")
     if finite:
@@ -88,7 +89,7 @@ def train_step(model: Diffusion, opt: torch.optim.Optimizer, x: Tensor, *, gener
         if finite:
             opt.step()
     opt.zero_grad(set_to_none=True)
-    return StepOut(loss_bpd=float(bits_per_dim(loss.detach(), model.n)),
+    return StepOut(loss_bpd=float(loss.detach()),
                    terms={k: float(v.detach().mean()) for k, v in terms.as_dict().items()},
                    grad_norm=grad_norm, finite=finite)
 
