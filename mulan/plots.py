@@ -57,13 +57,17 @@ def heatmaps(model: Diffusion, x: Tensor, path: Path, times=TIMES) -> None:
         img = x[i].float().mean(0).cpu()
         axes[i, 0].imshow(img, cmap="gray", vmin=0, vmax=model.num_values - 1)
         for j, t in enumerate(times):
-            im = axes[i, j + 1].imshow(g[i, j], cmap="viridis")
+            # one colour scale per column (per t), shared by the images, so rows can be compared
+            im = axes[i, j + 1].imshow(g[i, j], cmap="viridis", vmin=float(g[:, j].min()), vmax=float(g[:, j].max()))
             if i == 0:
                 axes[i, j + 1].set_title(f"gamma, t={t}", fontsize=8)
+            if i == x.shape[0] - 1:
+                cb = fig.colorbar(im, ax=axes[:, j + 1].tolist(), orientation="horizontal", pad=0.02, shrink=0.9)
+                cb.ax.tick_params(labelsize=6)
+                cb.ax.locator_params(nbins=3)
         for ax in axes[i]:
             ax.set_xticks([]), ax.set_yticks([])
     axes[0, 0].set_title("image", fontsize=8)
-    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6)
     fig.suptitle(f"per-pixel gamma(z(x), t); ends fixed at {s.gamma_min}, {s.gamma_max}" if model.schedule.per_pixel
                  else "gamma(t) (scalar schedule: one value per t)", fontsize=9)
     save_figure(fig, path)
