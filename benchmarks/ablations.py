@@ -57,8 +57,10 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench-ablations")
     p.add_argument("--presets", nargs="*", default=PRESETS)
     p.add_argument("--timing-rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
+    if args.threads:
+        torch.set_num_threads(args.threads)
     extra = [f"train.steps={args.steps}"] if args.steps else []
     configs = {name: apply_overrides(get_preset(name), [*extra, "train.eval_every=0"]) for name in args.presets}
     sec = step_seconds(configs, args.timing_rounds, steps=5)

@@ -132,34 +132,39 @@ def finish_run(model, cfg: Config, test_set, out: Path, *, step: int, seed: int,
 
 def cmd_eval(args) -> None:
     from mulan.data import load_splits
-    from mulan.report import evaluate_elbo, write_summary
+    from mulan.report import evaluate_elbo, evaluate_ode, write_summary
 
     model, cfg, state = _load_model(args.checkpoint, args.overrides)
     train_set, test_set = load_splits(cfg.data)
     data = test_set if args.split == "test" else train_set
     out = _writable_dir(Path(args.out) if args.out else Path(args.checkpoint).resolve().parent.parent)
-    if args.estimator != "elbo":
-        raise ConfigError(f"estimator {args.estimator!r} is not available yet")
-    summary = evaluate_elbo(model, data, time_points=args.time_points or cfg.eval.time_points,
-                            batch_size=cfg.eval.batch_size, seed=args.seed, limit=args.limit, out_dir=out)
+    if args.estimator == "ode":
+        summary = evaluate_ode(model, data, cfg.eval, seed=args.seed, limit=args.limit, out_dir=out)
+    else:
+        summary = evaluate_elbo(model, data, time_points=args.time_points or cfg.eval.time_points,
+                                batch_size=cfg.eval.batch_size, seed=args.seed, limit=args.limit, out_dir=out)
     summary.checkpoint, summary.step = str(args.checkpoint), int(state.get("step", 0))
-    write_summary(out / f"eval-elbo-{data.split}.json", summary)
+    write_summary(out / f"eval-{args.estimator}-{data.split}.json", summary)
     print("\n".join(summary.lines()))
-    print(f"per-image results: {out / f'eval-elbo-{data.split}.csv'}")
+    print(f"per-image results: {out / f'eval-{args.estimator}-{data.split}.csv'}")
 
 
 def cmd_sample(args) -> None:
     import torch
 
     from mulan.images import save_grid
-    from mulan.sampling import ancestral_sample
+    from mulan.sampling import ancestral_sample, ode_sampler
 
     model, cfg, _ = _load_model(args.checkpoint, args.overrides)
     out = Path(args.out or Path(args.checkpoint).resolve().parent.parent / "samples.png")
     _writable_dir(out.parent)
     gen = torch.Generator(model.device).manual_seed(args.seed)
-    images = ancestral_sample(model, args.num or cfg.eval.num_samples, steps=args.steps or cfg.eval.sample_steps,
-                              generator=gen)
+    num = args.num or cfg.eval.num_samples
+    if args.sampler == "ode":
+        images = ode_sampler(model, num, rtol=cfg.eval.ode_rtol, atol=cfg.eval.ode_atol, method=cfg.eval.ode_method,
+                             generator=gen)
+    else:
+        images = ancestral_sample(model, num, steps=args.steps or cfg.eval.sample_steps, generator=gen)
     save_grid(images, cfg.data.num_values, out)
     print(f"wrote {images.shape[0]} samples to {out}")
 
@@ -200,12 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--time-points", type=int, default=0, help="ELBO: stratified times per image (default eval.time_points)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", help="folder for the per-image CSV and summary JSON (default: the run folder)")
-    e.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="data.*/eval.* overrides, e.g. data.path=...")
+    e.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="data.*/eval.* overrides, e.g. data.path=... eval.ode_divergence=exact eval.dequant_samples=4")
     e.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("sample", help="draw samples from a checkpoint into a PNG grid")
     s.add_argument("checkpoint")
     s.add_argument("--num", type=int, default=0, help="number of images (default eval.num_samples)")
+    s.add_argument("--sampler", choices=["ancestral", "ode"], default="ancestral",
+                   help="ancestral (T steps) or the probability-flow ODE (adaptive, eval.ode_* tolerances)")
     s.add_argument("--steps", type=int, default=0, help="ancestral steps T (default eval.sample_steps)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", help="PNG path (default RUN_DIR/samples.png)")
@@ -226,7 +234,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # KEY=VALUE overrides may come before or after options: argparse leaves late ones over, collect them here.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [e for e in extra if e.startswith("-") or "=" not in e]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        if not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         args.func(args)
     except MulanError as e:

@@ -126,6 +126,15 @@ class EvalConfig:
 
     time_points: int = 128  # S stratified times per image for the ELBO
     batch_size: int = 256
+    ode_rtol: float = 1e-5  # probability-flow ODE: relative tolerance of the adaptive solver (per image)
+    ode_atol: float = 1e-5  # ... and absolute tolerance
+    ode_method: Literal["dopri5", "bosh3", "adaptive_heun"] = "dopri5"  # torchdiffeq adaptive solver
+    ode_divergence: Literal["hutchinson", "exact"] = "hutchinson"  # exact: n backward passes (small n)
+    ode_probes: int = 1  # Hutchinson probes, fixed within one solve
+    ode_probe_dist: Literal["rademacher", "gaussian"] = "rademacher"
+    ode_float64: bool = False  # solve in float64 (the model is converted for the evaluation)
+    dequantization: Literal["truncnorm", "uniform"] = "truncnorm"  # q(x_0 | x) inside x's bin (i-DODE / uniform)
+    dequant_samples: int = 1  # K importance samples per image: log mean_k p/q
     sample_steps: int = 1000  # T of the ancestral sampler
     num_samples: int = 64  # images in the sample grid
 
@@ -291,4 +300,6 @@ def validate(cfg: Config) -> Config:
     need(t.threads >= 0, "train.threads must be >= 0")
     need(e.time_points >= 1 and e.batch_size >= 1, "eval.time_points and eval.batch_size must be >= 1")
     need(e.sample_steps >= 1 and e.num_samples >= 1, "eval.sample_steps and eval.num_samples must be >= 1")
+    need(e.ode_rtol > 0 and e.ode_atol > 0, "eval.ode_rtol and eval.ode_atol must be positive")
+    need(e.ode_probes >= 1 and e.dequant_samples >= 1, "eval.ode_probes and eval.dequant_samples must be >= 1")
     return cfg
