@@ -1,0 +1,12 @@
+"""Datasets: uint8 images (N, C, H, W) with V = ``num_values`` values per pixel, split into train and test.
+
+``load_splits(cfg.data)`` reads any supported format (digits, idx, fashion-mnist, cifar10, imagenet32,
+png, synthetic), checks it against the config and returns two :class:`ImageDataset` objects whose
+``fingerprint()`` identifies exactly the images used.
+"""
+
+from mulan.data.dataset import ImageDataset
+from mulan.data.idx import FASHION_MNIST_DIR
+from mulan.data.load import load_splits
+
+__all__ = ["FASHION_MNIST_DIR", "ImageDataset", "load_splits"]
