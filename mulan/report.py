@@ -76,7 +76,7 @@ def evaluate_elbo(model: Diffusion, data: ImageDataset, *, time_points: int, bat
                                      "diffusion_loss": "discrete" if model.cfg.timesteps else "continuous",
                                      "timesteps": model.cfg.timesteps, "seed": seed},
         split=data.split, images=int(images.shape[0]), subset=int(images.shape[0]) < len(data),
-        dataset=data.fingerprint(), bpd=float(mean), ci95=float(half), terms_bpd=terms,
+        dataset=_fingerprint(data, images), bpd=float(mean), ci95=float(half), terms_bpd=terms,
         latent_kl=res.latent_kl, latent_bpd=terms["latent"], wall_s=wall)
     if out_dir is not None:
         write_per_image(out_dir / f"eval-elbo-{data.split}.csv",
@@ -132,7 +132,7 @@ def evaluate_ode(model: Diffusion, data: ImageDataset, ecfg: EvalConfig, *, seed
         settings.update(probes=ecfg.ode_probes, probe_dist=ecfg.ode_probe_dist)
     summary = EvalSummary(
         estimator="ode", settings=settings, split=data.split, images=int(images.shape[0]),
-        subset=int(images.shape[0]) < len(data), dataset=data.fingerprint(), bpd=float(mean), ci95=float(half),
+        subset=int(images.shape[0]) < len(data), dataset=_fingerprint(data, images), bpd=float(mean), ci95=float(half),
         terms_bpd={"flow": float(flow.mean()), "latent": float(lat.mean())},
         latent_kl=cond.latent.kl_kind, latent_bpd=float(lat.mean()), wall_s=wall,
         extra={"mean_nfe": float(sum(nfes) / max(len(nfes), 1)), "images_per_s": images.shape[0] / wall})
@@ -140,6 +140,14 @@ def evaluate_ode(model: Diffusion, data: ImageDataset, ecfg: EvalConfig, *, seed
         write_per_image(out_dir / f"eval-ode-{data.split}.csv", {"bpd": bpd, "flow": flow, "latent": lat})
         write_summary(out_dir / f"eval-ode-{data.split}.json", summary)
     return summary
+
+
+def _fingerprint(data: ImageDataset, images: torch.Tensor) -> dict:
+    """The fingerprint of the images actually evaluated (a subset gets its own count and sha256)."""
+    if images.shape[0] == len(data):
+        return data.fingerprint()
+    sub = ImageDataset(images=images, num_values=data.num_values, name=data.name, split=data.split, source=data.source)
+    return {**sub.fingerprint(), "subset_of": data.fingerprint()}
 
 
 def write_per_image(path: Path, columns: dict[str, torch.Tensor]) -> None:
