@@ -249,6 +249,9 @@ def main(argv: list[str] | None = None) -> None:
     except MulanError as e:
         print(f"mulan: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:  # output piped into e.g. `head`
+        sys.stderr.close()
+        sys.exit(0)
     except KeyboardInterrupt:
         print("mulan: interrupted", file=sys.stderr)
         sys.exit(130)
