@@ -104,10 +104,12 @@ def cmd_train(args) -> None:
 
 def finish_run(model, cfg: Config, test_set, out: Path, *, step: int, seed: int, quick: bool = False) -> None:
     """After training: the held-out bound on the whole test split, samples, and (MuLAN) schedule figures."""
-    from mulan.images import save_grid
+    import torch
+
+    from mulan.images import make_grid, save_grid
     from mulan.report import evaluate_elbo
     from mulan.sampling import ancestral_sample
-    import torch
+    from mulan.train import MetricsLog
 
     summary = evaluate_elbo(model, test_set, time_points=cfg.eval.time_points if not quick else 4,
                             batch_size=cfg.eval.batch_size, seed=seed, out_dir=out)
@@ -117,6 +119,9 @@ def finish_run(model, cfg: Config, test_set, out: Path, *, step: int, seed: int,
     steps = cfg.eval.sample_steps if not quick else 10
     samples = ancestral_sample(model, cfg.eval.num_samples, steps=steps, generator=gen)
     save_grid(samples, cfg.data.num_values, out / "samples.png")
+    log = MetricsLog(out)  # TensorBoard, when installed, gets the samples too
+    log.image("samples", make_grid(samples.cpu(), cfg.data.num_values), step)
+    log.close()
     from mulan.plots import schedule_figures, training_curves
 
     figures = out / "figures"

@@ -48,13 +48,18 @@ def gamma_grid(model: Diffusion, x: Tensor | None, times: Tensor, *, z: Tensor |
 
 def heatmaps(model: Diffusion, x: Tensor, path: Path, times=TIMES) -> None:
     """Rows: images; columns: the image, then the channel-mean of gamma(z(x), t) at each t."""
+    save_figure(heatmap_figure(model, x, times), path)
+
+
+def heatmap_figure(model: Diffusion, x: Tensor, times=TIMES):
+    """The matplotlib figure of :func:`heatmaps` (also logged to TensorBoard during training)."""
     plt = _plt()
-    g = gamma_grid(model, x, torch.tensor(times)).mean(2).cpu()  # (B, T, H, W)
+    g = gamma_grid(model, x, torch.tensor(times)).mean(2).cpu().numpy()  # (B, T, H, W)
     s = model.cfg.schedule
     fig, axes = plt.subplots(x.shape[0], len(times) + 1, figsize=(1.6 * (len(times) + 1), 1.6 * x.shape[0]),
                              squeeze=False)
     for i in range(x.shape[0]):
-        img = x[i].float().mean(0).cpu()
+        img = x[i].float().mean(0).cpu().numpy()
         axes[i, 0].imshow(img, cmap="gray", vmin=0, vmax=model.num_values - 1)
         for j, t in enumerate(times):
             # one colour scale per column (per t), shared by the images, so rows can be compared
@@ -70,7 +75,7 @@ def heatmaps(model: Diffusion, x: Tensor, path: Path, times=TIMES) -> None:
     axes[0, 0].set_title("image", fontsize=8)
     fig.suptitle(f"per-pixel gamma(z(x), t); ends fixed at {s.gamma_min}, {s.gamma_max}" if model.schedule.per_pixel
                  else "gamma(t) (scalar schedule: one value per t)", fontsize=9)
-    save_figure(fig, path)
+    return fig
 
 
 def snr_curves(model: Diffusion, x: Tensor, path: Path, pixels: int = 8) -> None:

@@ -128,8 +128,16 @@ class MetricsLog:
                     self.tb.add_scalar(f"{record.get('kind', 'train')}/{k}", v, record["step"])
 
     def image(self, tag: str, grid: Tensor, step: int) -> None:
+        """A uint8 (C, H, W) image, e.g. a sample grid."""
         if self.tb is not None:
             self.tb.add_image(tag, grid, step)
+
+    def schedule_figure(self, model: Diffusion, images: Tensor, step: int) -> None:
+        """Per-pixel gamma heat maps of a few test images, as a TensorBoard figure."""
+        if self.tb is not None:
+            from mulan.plots import heatmap_figure
+
+            self.tb.add_figure("schedule/gamma_heatmaps", heatmap_figure(model, images[:4].to(model.device)), step)
 
     def close(self) -> None:
         if self.tb is not None:
@@ -219,6 +227,7 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False,
             if eval_bpd < best:
                 best = eval_bpd
                 checkpoint(done, "best.pt")
+            log.schedule_figure(ema.shadow, test_set.images, done)
             log.write({"kind": "eval", "step": done, "test_bpd": eval_bpd, "ci95": half, "images": count,
                        "time_points": cfg.train.eval_time_points, "estimator": "elbo"})
             record["test_bpd"] = eval_bpd

@@ -148,3 +148,21 @@ def test_unwritable_output_directory(tmp_path, capsys):
     blocker.write_text("not a folder")
     assert_clean_error(run_here(capsys, "train", "--out", str(blocker / "run"), *TINY), "not writable")
     assert blocker.read_text() == "not a folder"
+
+
+def test_tensorboard_gets_scalars_schedule_figures_and_samples(tmp_path, capsys):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    proc = run_here(capsys, "train", "--preset", "digits-mulan", "--out", str(out), "--no-progress", "--quick", *TINY,
+                    "train.eval_every=2", "train.eval_images=8")
+    assert proc.returncode == 0, proc.stderr
+    tags = {"images": set(), "scalars": set()}
+    for f in (out / "tensorboard").iterdir():
+        acc = EventAccumulator(str(f))
+        acc.Reload()
+        for k in tags:
+            tags[k] |= set(acc.Tags()[k])
+    assert {"train/loss_bpd", "eval/test_bpd"} <= tags["scalars"]
+    assert {"schedule/gamma_heatmaps", "samples"} <= tags["images"]
