@@ -143,6 +143,8 @@ def cmd_eval(args) -> None:
     train_set, test_set = load_splits(cfg.data)
     data = test_set if args.split == "test" else train_set
     out = _writable_dir(Path(args.out) if args.out else Path(args.checkpoint).resolve().parent.parent)
+    if args.timesteps >= 0:  # the discrete-time bound with T steps (0: continuous time) for any model
+        model.cfg.timesteps = args.timesteps
     if args.estimator == "ode":
         summary = evaluate_ode(model, data, cfg.eval, seed=args.seed, limit=args.limit, out_dir=out)
     else:
@@ -208,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", choices=["test", "train"], default="test")
     e.add_argument("--limit", type=int, default=0, help="evaluate only the first N images (reported as a subset)")
     e.add_argument("--time-points", type=int, default=0, help="ELBO: stratified times per image (default eval.time_points)")
+    e.add_argument("--timesteps", type=int, default=-1,
+                   help="ELBO: the discrete-time bound with T steps, or 0 for continuous time (default: as trained)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", help="folder for the per-image CSV and summary JSON (default: the run folder)")
     e.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
