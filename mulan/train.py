@@ -161,6 +161,8 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False,
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     ckpt_dir = run_dir / "checkpoints"
+    for stale in ckpt_dir.glob(".*.tmp"):  # half-written files of a run killed mid-write
+        stale.unlink(missing_ok=True)
     state = None
     if resume:
         state = load_checkpoint(ckpt_dir / "last.pt")
