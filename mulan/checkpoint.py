@@ -62,6 +62,43 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        state = _load_safetensors(path, map_location)
+    else:
+        state = _load_torch(path, map_location)
+    try:
+        state["config"] = validate(from_dict(Config, state["config"]))
+    except (ConfigError, KeyError) as e:
+        raise CheckpointError(f"{path} holds an invalid config: {e}") from None
+    return state
+
+
+def _load_safetensors(path: Path, map_location) -> dict:
+    """A file written by ``mulan export``: tensors plus config, step and which weights in the metadata."""
+    import json
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path), device=str(map_location))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path}: not a valid safetensors file ({str(e)[:120]})") from None
+    if meta.get("format") != FORMAT or "config" not in meta:
+        raise CheckpointError(f"{path} is a safetensors file without mulan's metadata (use `mulan export`)")
+    try:
+        config = json.loads(meta["config"])
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path}: its config metadata is not valid JSON") from None
+    return {"format": FORMAT, "version": VERSION, "config": config, "step": int(meta.get("step", 0)),
+            meta.get("weights", "ema"): tensors}
+
+
+def _load_torch(path: Path, map_location) -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -73,10 +110,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path} is not a mulan checkpoint")
     if state.get("version") != VERSION:
         raise CheckpointError(f"{path} has checkpoint version {state.get('version')}; this mulan reads version {VERSION}")
-    try:
-        state["config"] = validate(from_dict(Config, state["config"]))
-    except (ConfigError, KeyError) as e:
-        raise CheckpointError(f"{path} holds an invalid config: {e}") from None
     return state
 
 

@@ -111,3 +111,35 @@ def test_keeps_last_k_periodic_checkpoints_besides_last_and_best(tmp_path):
     names = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pt"))
     assert names == ["best.pt", "last.pt", "step-00000004.pt", "step-00000005.pt"]
     assert load_checkpoint(tmp_path / "checkpoints" / "best.pt")["step"] <= 5
+
+
+def test_export_safetensors_round_trip_gives_identical_elbo(tmp_path):
+    from mulan.checkpoint import load_weights
+    from mulan.export import export
+    from mulan.train import build_model
+
+    cfg = tiny("digits-mulan")
+    result = train(cfg, tmp_path)
+    path = export(tmp_path / "checkpoints" / "last.pt", tmp_path / "model.safetensors")
+    assert b"__reduce__" not in path.read_bytes()  # plain tensors and JSON, no pickle
+    state = load_checkpoint(path)
+    assert state["config"] == cfg and state["step"] == 3
+    model = build_model(state["config"]).eval()
+    load_weights(model, state["ema"], path)
+    x = result.test_set.images[:8]
+    a = result.model.elbo_terms(x, generator=torch.Generator().manual_seed(2)).total
+    b = model.elbo_terms(x, generator=torch.Generator().manual_seed(2)).total
+    assert torch.equal(a, b)
+
+
+def test_safetensors_without_our_metadata_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from mulan.errors import CheckpointError
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "bare.safetensors"))
+    with pytest.raises(CheckpointError, match="without mulan's metadata"):
+        load_checkpoint(tmp_path / "bare.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(CheckpointError, match="not a valid safetensors"):
+        load_checkpoint(tmp_path / "junk.safetensors")
