@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from mulan import distributed
 from mulan.config import Config, apply_overrides, to_dict
 from mulan.errors import ConfigError, MulanError, OutputError
 from mulan.presets import get_preset, latent_cost_bpd, preset_names
@@ -44,7 +45,7 @@ def _progress_bar(total: int, initial: int, enabled: bool):
     return bar, update
 
 
-def _load_model(checkpoint: str, overrides: list[str], *, ema: bool = True):
+def _load_model(checkpoint: str, overrides: list[str], *, ema: bool = True, join_ranks: bool = False):
     """(model, config, state) from a checkpoint; data overrides (e.g. data.path=...) may point at moved files."""
     import torch
 
@@ -61,7 +62,13 @@ def _load_model(checkpoint: str, overrides: list[str], *, ema: bool = True):
         torch.set_num_threads(cfg.train.threads)
     model = build_model(cfg)
     load_weights(model, state["ema" if ema else "model"], checkpoint, "EMA" if ema else "model")
-    return model.to(resolve_device(cfg.train.device)).eval(), cfg, state
+    if join_ranks:  # under torchrun: this rank's device in the job's process group
+        from mulan import distributed
+
+        device = distributed.setup(cfg.train.device)[1]
+    else:
+        device = resolve_device(cfg.train.device)
+    return model.to(device).eval(), cfg, state
 
 
 # --- commands -----------------------------------------------------------------------------------------------
@@ -85,20 +92,24 @@ def cmd_train(args) -> None:
     if args.dry_run:
         print(json.dumps(to_dict(cfg), indent=2))
         return
+    world, _ = distributed.setup(cfg.train.device)  # one process, or this rank of a torchrun job
     out = Path(args.out or f"runs/{cfg.preset or 'custom'}")
     if not args.resume and (out / "checkpoints" / "last.pt").exists():
         raise OutputError(f"{out} already holds a run; continue it with --resume or choose another --out")
-    _writable_dir(out)
-    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    if world.main:
+        _writable_dir(out)
+        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     t0 = time.perf_counter()
-    bar, update = _progress_bar(cfg.train.steps, 0, not args.no_progress)
+    bar, update = _progress_bar(cfg.train.steps, 0, world.main and not args.no_progress)
     try:
         result = train(cfg, out, resume=args.resume, progress=update)
     finally:
         bar.close()
     train_s = time.perf_counter() - t0
-    print(f"trained {result.step} steps in {train_s:.0f} s ({result.images_per_s:.0f} images/s); "
-          f"checkpoint {out / 'checkpoints' / 'last.pt'}")
+    if world.main:
+        print(f"trained {result.step} steps in {train_s:.0f} s ({result.images_per_s:.0f} images/s"
+              f"{f' over {world.size} ranks' if world.distributed else ''}); "
+              f"checkpoint {out / 'checkpoints' / 'last.pt'}")
     finish_run(result.model, cfg, result.test_set, out, step=result.step, seed=cfg.train.seed, quick=args.quick)
 
 
@@ -112,7 +123,9 @@ def finish_run(model, cfg: Config, test_set, out: Path, *, step: int, seed: int,
     from mulan.train import MetricsLog
 
     summary = evaluate_elbo(model, test_set, time_points=cfg.eval.time_points if not quick else 4,
-                            batch_size=cfg.eval.batch_size, seed=seed, out_dir=out)
+                            batch_size=cfg.eval.batch_size, seed=seed, out_dir=out)  # sharded over ranks
+    if not distributed.world().main:
+        return  # samples, figures and files: rank 0
     summary.checkpoint, summary.step = str(out / "checkpoints" / "last.pt"), step
     print("\n".join(summary.lines()))
     gen = torch.Generator(model.device).manual_seed(seed)
@@ -139,10 +152,13 @@ def cmd_eval(args) -> None:
     from mulan.data import load_splits
     from mulan.report import evaluate_elbo, evaluate_ode, write_summary
 
-    model, cfg, state = _load_model(args.checkpoint, args.overrides)
+    model, cfg, state = _load_model(args.checkpoint, args.overrides, join_ranks=True)
     train_set, test_set = load_splits(cfg.data)
     data = test_set if args.split == "test" else train_set
-    out = _writable_dir(Path(args.out) if args.out else Path(args.checkpoint).resolve().parent.parent)
+    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent.parent
+    main_rank = distributed.world().main
+    if main_rank:
+        _writable_dir(out)
     if args.timesteps >= 0:  # the discrete-time bound with T steps (0: continuous time) for any model
         model.cfg.timesteps = args.timesteps
     if args.estimator == "ode":
@@ -150,6 +166,8 @@ def cmd_eval(args) -> None:
     else:
         summary = evaluate_elbo(model, data, time_points=args.time_points or cfg.eval.time_points,
                                 batch_size=cfg.eval.batch_size, seed=args.seed, limit=args.limit, out_dir=out)
+    if not main_rank:
+        return
     summary.checkpoint, summary.step = str(args.checkpoint), int(state.get("step", 0))
     write_summary(out / f"eval-{args.estimator}-{data.split}.json", summary)
     print("\n".join(summary.lines()))
@@ -260,7 +278,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except MulanError as e:
-        print(f"mulan: error: {e}", file=sys.stderr)
+        world = distributed.world()
+        print(f"mulan: error: {f'[rank {world.rank}] ' if world.distributed else ''}{e}", file=sys.stderr)
         sys.exit(2)
     except BrokenPipeError:  # output piped into e.g. `head`
         sys.stderr.close()
@@ -268,3 +287,5 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("mulan: interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        distributed.teardown()

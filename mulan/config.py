@@ -116,8 +116,13 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2  # last K periodic checkpoints kept besides `last.pt` and `best.pt`
     max_nonfinite: int = 20  # consecutive non-finite losses after which training stops
-    device: str = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:1', ...
+    device: str = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:1', ... (under torchrun each rank takes cuda:LOCAL_RANK)
     threads: int = 0  # torch intra-op threads on CPU (0: torch's default)
+    accumulate: int = 1  # micro-batches per step: batch_size is split over ranks x accumulate
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # denoiser autocast; auto: bf16 on CUDA GPUs that support it
+    compile: bool = False  # torch.compile the denoiser (slow to start; pays off on GPUs)
+    channels_last: bool = False  # channels-last memory format for the denoiser's convolutions
+    data_on_device: bool = True  # CUDA: keep the uint8 training set on the GPU (else pinned host memory)
 
 
 @dataclass
@@ -298,6 +303,9 @@ def validate(cfg: Config) -> Config:
     need(t.eval_images >= 1 and t.eval_time_points >= 1 and t.keep_checkpoints >= 0 and t.max_nonfinite >= 1,
          "train.eval_images, eval_time_points and max_nonfinite must be >= 1, train.keep_checkpoints >= 0")
     need(t.threads >= 0, "train.threads must be >= 0")
+    need(t.accumulate >= 1, f"train.accumulate must be >= 1, got {t.accumulate}")
+    need(t.batch_size % t.accumulate == 0,
+         f"train.batch_size ({t.batch_size}) must be divisible by train.accumulate ({t.accumulate})")
     need(e.time_points >= 1 and e.batch_size >= 1, "eval.time_points and eval.batch_size must be >= 1")
     need(e.sample_steps >= 1 and e.num_samples >= 1, "eval.sample_steps and eval.num_samples must be >= 1")
     need(e.ode_rtol > 0 and e.ode_atol > 0, "eval.ode_rtol and eval.ode_atol must be positive")

@@ -14,9 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mulan import rng
 from mulan.config import ModelConfig
 from mulan.latent import LatentOut, build_latent
 from mulan.nn.unet import UNet
+from mulan.rng import Generator
 from mulan.schedules import BoundSchedule, GammaOut, build_schedule
 
 EpsFn = Callable[[Tensor, Tensor], Tensor]
@@ -57,10 +59,9 @@ def bits_per_dim(nats: Tensor, n: int) -> Tensor:
     return nats / (n * math.log(2.0))
 
 
-def antithetic_times(batch: int, *, generator: torch.Generator | None = None, device=None) -> Tensor:
+def antithetic_times(batch: int, *, generator: Generator = None, device=None) -> Tensor:
     """Low-discrepancy times t_i = (u + i/B) mod 1 with one uniform u (SPEC "Time sampling")."""
-    u = torch.rand((), generator=generator, device=device)
-    return torch.remainder(u + torch.arange(batch, device=device) / batch, 1.0)
+    return rng.antithetic_times(batch, generator, device=device)
 
 
 class Diffusion(nn.Module):
@@ -80,6 +81,20 @@ class Diffusion(nn.Module):
         self.schedule = build_schedule(cfg.schedule, self.shape, self.latent.dim)
         self.denoiser = UNet(cfg.denoiser, self.shape, cond_dim=self.latent.dim)
         self.register_buffer("_probe", torch.zeros(()), persistent=False)  # follows .to(dtype/device)
+        # Run-time settings of the denoiser call, not state (see set_runtime).
+        self.amp_dtype: torch.dtype | None = None
+        self.channels_last = False
+
+    def set_runtime(self, *, amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> "Diffusion":
+        """Autocast the denoiser (only) to ``amp_dtype`` while training, and/or run it channels-last.
+
+        The schedule, the latent and every ELBO term stay in the model's dtype; the denoiser's output is cast
+        back to it. Evaluation (``.eval()``) never autocasts, so likelihoods are computed in full precision.
+        """
+        self.amp_dtype, self.channels_last = amp_dtype, channels_last
+        if channels_last:
+            self.denoiser.to(memory_format=torch.channels_last)
+        return self
 
     # --- encoding ------------------------------------------------------------------------------------------
     @property
@@ -107,13 +122,20 @@ class Diffusion(nn.Module):
 
     def eps_hat(self, x_t: Tensor, g: GammaOut, z: Tensor | None) -> Tensor:
         """eps_hat(x_t, z, t); a v-prediction network's output is converted by eps = sigma x_t + alpha v."""
-        out = self.denoiser(x_t, self.time_input(g.gamma), z)
+        time = self.time_input(g.gamma)
+        net_in = x_t.contiguous(memory_format=torch.channels_last) if self.channels_last else x_t
+        if self.amp_dtype is not None and self.training:
+            with torch.autocast(x_t.device.type, dtype=self.amp_dtype):
+                out = self.denoiser(net_in, time, z)
+            out = out.to(x_t.dtype)
+        else:
+            out = self.denoiser(net_in, time, z)
         if self.cfg.prediction == "v":
             out = g.sigma2.sqrt() * x_t + g.alpha2.sqrt() * out
         return out
 
     def condition(self, x: Tensor | None = None, *, z: Tensor | None = None, batch: int | None = None,
-                  strict: bool = True, generator: torch.Generator | None = None) -> Conditioned:
+                  strict: bool = True, generator: Generator = None) -> Conditioned:
         """Fix z: inferred from images ``x`` (uint8/long), given directly, or drawn from the prior."""
         if x is not None:
             lat = self.latent(self.encode(x), strict=strict, generator=generator)
@@ -134,13 +156,18 @@ class Diffusion(nn.Module):
         return Conditioned(z=lat.z, bound=bound, eps_fn=eps_fn, latent=lat)
 
     # --- the negative ELBO ---------------------------------------------------------------------------------
-    def elbo_terms(self, x: Tensor, *, t: Tensor | None = None, generator: torch.Generator | None = None,
+    def forward(self, x: Tensor, **kwargs) -> ELBOTerms:
+        """:meth:`elbo_terms` (``forward`` is what DistributedDataParallel calls)."""
+        return self.elbo_terms(x, **kwargs)
+
+    def elbo_terms(self, x: Tensor, *, t: Tensor | None = None, generator: Generator = None,
                    strict: bool | None = None) -> ELBOTerms:
         """Per-example negative ELBO terms in nats for images ``x`` (B, C, H, W), integers in 0..V-1.
 
         Args:
             t: diffusion times (B,) in [0, 1]; default antithetic (or i.i.d. when configured).
-            generator: source of every random draw of this call (noise, times, latent perturbation).
+            generator: source of every random draw of this call (noise, times, latent perturbation); a
+                :class:`~mulan.rng.ShardedGenerator` makes this call one part of a larger batch.
             strict: charge the strict latent KL (default: in eval mode, or when configured for training).
         """
         if strict is None:
@@ -152,7 +179,7 @@ class Diffusion(nn.Module):
         g1 = bound(torch.ones(B, device=x.device, dtype=x_tilde.dtype))
         if t is None:
             t = (antithetic_times(B, generator=generator, device=x.device) if self.cfg.antithetic
-                 else torch.rand(B, generator=generator, device=x.device)).to(x_tilde.dtype)
+                 else rng.rand((B,), generator, device=x.device)).to(x_tilde.dtype)
         return ELBOTerms(
             recon=self._recon(x, x_tilde, g0, generator),
             prior=self._prior(x_tilde, g1),
@@ -169,7 +196,7 @@ class Diffusion(nn.Module):
 
     def _recon(self, x: Tensor, x_tilde: Tensor, g0: GammaOut, generator) -> Tensor:
         # SPEC 1: x_0' = x_tilde + exp(gamma_0/2) eps is x_0 / alpha_0; discrete decoder over the V values.
-        eps = torch.randn(x_tilde.shape, generator=generator, device=x.device, dtype=x_tilde.dtype)
+        eps = rng.randn(x_tilde.shape, generator, device=x.device, dtype=x_tilde.dtype)
         x0 = x_tilde + torch.exp(0.5 * g0.gamma) * eps
         logp = F.log_softmax(self.decoder_logits(x0, g0.gamma), dim=-1)
         return -logp.gather(-1, x.long().unsqueeze(-1)).squeeze(-1).flatten(1).sum(1)
@@ -185,7 +212,7 @@ class Diffusion(nn.Module):
         if T > 0:  # discrete time: t on the grid {1/T, ..., 1}, s = t - 1/T
             t = (torch.floor(t * T) + 1.0) / T
         g = bound(t)
-        eps = torch.randn(x_tilde.shape, generator=generator, device=x_tilde.device, dtype=x_tilde.dtype)
+        eps = rng.randn(x_tilde.shape, generator, device=x_tilde.device, dtype=x_tilde.dtype)
         x_t = g.alpha2.sqrt() * x_tilde + g.sigma2.sqrt() * eps
         err = (eps - self.eps_hat(x_t, g, z)).square()
         if T > 0:

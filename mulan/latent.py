@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mulan import rng
 from mulan.config import LatentConfig
+from mulan.rng import Generator
 
 
 @dataclass
@@ -37,11 +39,11 @@ class Latent(nn.Module, ABC):
     dim: int = 0  # m (0 for none)
 
     @abstractmethod
-    def forward(self, x_tilde: Tensor, *, strict: bool, generator: torch.Generator | None = None) -> LatentOut:
+    def forward(self, x_tilde: Tensor, *, strict: bool, generator: Generator = None) -> LatentOut:
         """Infer z from images x_tilde (B, C, H, W) in [-1, 1]. ``strict`` forces a KL that keeps the ELBO a bound."""
 
     @abstractmethod
-    def sample_prior(self, batch: int, *, generator: torch.Generator | None = None,
+    def sample_prior(self, batch: int, *, generator: Generator = None,
                      device: torch.device | str | None = None) -> Tensor | None:
         """``batch`` draws from the prior p(z), (batch, m); None for no latent."""
 
@@ -71,28 +73,28 @@ class NoLatent(Latent):
 
     dim = 0
 
-    def forward(self, x_tilde: Tensor, *, strict: bool, generator: torch.Generator | None = None) -> LatentOut:
+    def forward(self, x_tilde: Tensor, *, strict: bool, generator: Generator = None) -> LatentOut:
         return LatentOut(z=None, kl=x_tilde.new_zeros(x_tilde.shape[0]), kl_kind="none")
 
-    def sample_prior(self, batch: int, *, generator: torch.Generator | None = None,
+    def sample_prior(self, batch: int, *, generator: Generator = None,
                      device: torch.device | str | None = None) -> Tensor | None:
         return None
 
 
-def gumbel_noise(shape: tuple[int, ...], generator: torch.Generator | None, like: Tensor) -> Tensor:
+def gumbel_noise(shape: tuple[int, ...], generator: Generator, like: Tensor) -> Tensor:
     """Standard Gumbel samples -log(-log U)."""
-    u = torch.rand(shape, generator=generator, device=like.device, dtype=like.dtype)
+    u = rng.rand(shape, generator, device=like.device, dtype=like.dtype)
     tiny = torch.finfo(like.dtype).tiny
     return -torch.log(-torch.log(u.clamp(tiny, 1.0 - torch.finfo(like.dtype).eps)))
 
 
-def sum_of_gamma_noise(shape: tuple[int, ...], k: int, generator: torch.Generator | None, like: Tensor,
+def sum_of_gamma_noise(shape: tuple[int, ...], k: int, generator: Generator, like: Tensor,
                        terms: int = 10, tau: float = 10.0) -> Tensor:
     """Sum-of-Gamma perturbation for top-k (Niepert et al. 2021), as the reference uses it:
     (tau / k) (sum_{i=1}^{terms} Gamma(1/k, rate k/i) - log terms).
     """
-    alpha = torch.full((terms, *shape), 1.0 / k, device=like.device, dtype=like.dtype)
-    g = torch._standard_gamma(alpha, generator=generator)  # Gamma(1/k, rate 1)
+    g = rng.standard_gamma((terms, *shape), 1.0 / k, generator, batch_dim=1, device=like.device,
+                           dtype=like.dtype)  # Gamma(1/k, rate 1)
     i = torch.arange(1, terms + 1, device=like.device, dtype=like.dtype).reshape(-1, *([1] * len(shape)))
     return (tau / k) * ((g * i / k).sum(dim=0) - math.log(terms))
 
@@ -127,7 +129,7 @@ class KHotLatent(Latent):
         self.encoder = ConvEncoder(shape, cfg.encoder_channels, cfg.m)
         self.log_num_states = math.lgamma(cfg.m + 1) - math.lgamma(cfg.k + 1) - math.lgamma(cfg.m - cfg.k + 1)
 
-    def forward(self, x_tilde: Tensor, *, strict: bool, generator: torch.Generator | None = None) -> LatentOut:
+    def forward(self, x_tilde: Tensor, *, strict: bool, generator: Generator = None) -> LatentOut:
         logits = self.encoder(x_tilde)
         scores = logits
         if self.training:
@@ -148,11 +150,11 @@ class KHotLatent(Latent):
         kl = logits.new_full((logits.shape[0],), self.log_num_states)
         return LatentOut(z=z, kl=kl, kl_kind="strict")
 
-    def sample_prior(self, batch: int, *, generator: torch.Generator | None = None,
+    def sample_prior(self, batch: int, *, generator: Generator = None,
                      device: torch.device | str | None = None) -> Tensor:
         """Uniform over the C(m, k) k-hot vectors: top-k of i.i.d. Gaussian noise (exchangeable)."""
         device = device if device is not None else self.encoder.out.weight.device
-        noise = torch.randn(batch, self.dim, generator=generator, device=device)
+        noise = rng.randn((batch, self.dim), generator, device=device)
         return top_k_hot(noise, self.k).to(self.encoder.out.weight.dtype)
 
 
@@ -172,19 +174,19 @@ class GaussianLatent(Latent):
             self.encoder.out.weight.zero_()
             self.encoder.out.bias.zero_()
 
-    def forward(self, x_tilde: Tensor, *, strict: bool, generator: torch.Generator | None = None) -> LatentOut:
+    def forward(self, x_tilde: Tensor, *, strict: bool, generator: Generator = None) -> LatentOut:
         mu, log_var = self.encoder(x_tilde).chunk(2, dim=-1)
         log_var = log_var.clamp(-30.0, 20.0)
-        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        eps = rng.randn(mu.shape, generator, device=mu.device, dtype=mu.dtype)
         z = mu + torch.exp(0.5 * log_var) * eps
         kl = 0.5 * (mu.square() + log_var.exp() - log_var - 1.0).sum(dim=-1)
         return LatentOut(z=z, kl=kl, kl_kind="analytic")
 
-    def sample_prior(self, batch: int, *, generator: torch.Generator | None = None,
+    def sample_prior(self, batch: int, *, generator: Generator = None,
                      device: torch.device | str | None = None) -> Tensor:
         ref = self.encoder.out.weight
         device = device if device is not None else ref.device
-        return torch.randn(batch, self.dim, generator=generator, device=device).to(ref.dtype)
+        return rng.randn((batch, self.dim), generator, device=device).to(ref.dtype)
 
 
 def build_latent(cfg: LatentConfig, shape: tuple[int, int, int]) -> Latent:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from mulan import distributed
 from mulan.checkpoint import atomic_write
 from mulan.config import EvalConfig
 from mulan.data import ImageDataset
@@ -78,7 +79,7 @@ def evaluate_elbo(model: Diffusion, data: ImageDataset, *, time_points: int, bat
         split=data.split, images=int(images.shape[0]), subset=int(images.shape[0]) < len(data),
         dataset=_fingerprint(data, images), bpd=float(mean), ci95=float(half), terms_bpd=terms,
         latent_kl=res.latent_kl, latent_bpd=terms["latent"], wall_s=wall)
-    if out_dir is not None:
+    if out_dir is not None and distributed.world().main:
         write_per_image(out_dir / f"eval-elbo-{data.split}.csv",
                         {"bpd": bpd, **{k: bits_per_dim(v, model.n) for k, v in
                                         {"recon": res.recon, "prior": res.prior, "diffusion": res.diffusion,
@@ -101,11 +102,14 @@ def evaluate_ode(model: Diffusion, data: ImageDataset, ecfg: EvalConfig, *, seed
     dtype = torch.float64 if ecfg.ode_float64 else torch.float32
     model = model.to(dtype).eval()
     images = data.images[:limit] if 0 < limit < len(data) else data.images
-    gen = torch.Generator(model.device).manual_seed(seed)
+    world = distributed.world()
+    # Under torchrun every rank solves its own shard with its own draws (so the draws depend on the rank count).
+    gen = torch.Generator(model.device).manual_seed(seed + 1_000_003 * world.rank)
     nll, latent, nfes = [], [], []
     t0 = time.perf_counter()
-    for start in range(0, images.shape[0], ecfg.batch_size):
-        x = images[start:start + ecfg.batch_size].to(model.device)
+    done = 0
+    for idx, real in world.batches(images.shape[0], ecfg.batch_size):
+        x = images[idx].to(model.device)
         with torch.no_grad():
             cond = model.condition(x, strict=True, generator=gen)
 
@@ -116,11 +120,14 @@ def evaluate_ode(model: Diffusion, data: ImageDataset, ecfg: EvalConfig, *, seed
             nfes.append(res.nfe)
             return res.logp
 
-        nll.append(dequantized_nll(x, model.num_values, log_density, cond.bound, kind=ecfg.dequantization,
-                                   samples=ecfg.dequant_samples, generator=gen, dtype=dtype).cpu())
-        latent.append(cond.latent.kl.double().cpu())
+        batch_nll = dequantized_nll(x, model.num_values, log_density, cond.bound, kind=ecfg.dequantization,
+                                    samples=ecfg.dequant_samples, generator=gen, dtype=dtype)
+        nll.append(world.gather(batch_nll.double())[:real].cpu())
+        latent.append(world.gather(cond.latent.kl.double())[:real].cpu())
+        done += real
         if callback is not None:
-            callback(min(start + ecfg.batch_size, images.shape[0]), images.shape[0])
+            callback(done, images.shape[0])
+    nfes = world.gather(torch.tensor(nfes, dtype=torch.float64, device=model.device)).tolist()
     wall = time.perf_counter() - t0
     flow, lat = bits_per_dim(torch.cat(nll), model.n), bits_per_dim(torch.cat(latent), model.n)
     bpd = flow + lat
@@ -136,7 +143,7 @@ def evaluate_ode(model: Diffusion, data: ImageDataset, ecfg: EvalConfig, *, seed
         terms_bpd={"flow": float(flow.mean()), "latent": float(lat.mean())},
         latent_kl=cond.latent.kl_kind, latent_bpd=float(lat.mean()), wall_s=wall,
         extra={"mean_nfe": float(sum(nfes) / max(len(nfes), 1)), "images_per_s": images.shape[0] / wall})
-    if out_dir is not None:
+    if out_dir is not None and world.main:
         write_per_image(out_dir / f"eval-ode-{data.split}.csv", {"bpd": bpd, "flow": flow, "latent": lat})
         write_summary(out_dir / f"eval-ode-{data.split}.json", summary)
     return summary

@@ -6,6 +6,7 @@ Every random draw of step i (batch order, noise, times, latent perturbation, dro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -16,6 +17,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from mulan import distributed
 from mulan.checkpoint import load_checkpoint, load_weights, require, save_checkpoint
 from mulan.config import Config, to_dict
 from mulan.data import ImageDataset, load_splits
@@ -23,6 +25,7 @@ from mulan.diffusion import Diffusion, bits_per_dim
 from mulan.ema import EMA
 from mulan.errors import ConfigError, MulanError
 from mulan.likelihood.elbo import elbo_per_image
+from mulan.rng import ShardedGenerator
 
 
 def build_model(cfg: Config) -> Diffusion:
@@ -71,17 +74,46 @@ class StepOut:
     finite: bool  # False: the step was skipped
 
 
+TERMS = ("recon", "prior", "diffusion", "latent")
+
+
 def train_step(model: Diffusion, opt: torch.optim.Optimizer, x: Tensor, *, generator: torch.Generator,
-               grad_clip: float) -> StepOut:
-    """One optimisation step on a batch; a non-finite loss or gradient leaves the weights untouched."""
+               grad_clip: float, seed: int = 0, step: int = 0, accumulate: int = 1,
+               ddp: torch.nn.Module | None = None) -> StepOut:
+    """One optimisation step on this rank's part of a batch; a non-finite loss or gradient leaves the weights
+    untouched (on every rank: the loss is averaged over ranks and the gradients are all-reduced first).
+
+    ``x`` is this rank's share of the global batch; it is split into ``accumulate`` micro-batches whose
+    gradients add up. ``generator`` must be freshly seeded for the step: every micro-batch re-seeds a copy
+    and takes its slice of whole-batch draws (:class:`~mulan.rng.ShardedGenerator`), and dropout is seeded
+    per micro-batch from (``seed``, ``step``), so the result does not depend on how the batch is split
+    (except dropout masks).
+    """
+    world = distributed.world()
+    net = ddp if ddp is not None else model
+    parts = world.size * accumulate
+    micro = x.shape[0] // accumulate
+    state = generator.get_state()
     opt.zero_grad(set_to_none=True)
-    terms = model.elbo_terms(x, generator=generator)
-    # The objective in bits/dim (as VDM): the gradient's scale, and so `grad_clip`, does not grow with n.
-    loss = bits_per_dim(terms.total, model.n).mean()
-    finite = bool(torch.isfinite(loss))
+    stats = torch.zeros(1 + len(TERMS), dtype=torch.float64)
+    for j in range(accumulate):
+        part = world.rank * accumulate + j
+        generator.set_state(state)
+        gen = ShardedGenerator(generator, part, parts) if parts > 1 else generator
+        torch.manual_seed(step_seed(seed, step, stream=2) + part)  # dropout
+        sync = ddp is None or j == accumulate - 1
+        with contextlib.nullcontext() if sync else ddp.no_sync():
+            terms = net(x[j * micro:(j + 1) * micro], generator=gen)
+            # The objective in bits/dim (as VDM): the gradient's scale, and so `grad_clip`, does not grow with n.
+            loss = bits_per_dim(terms.total, model.n).mean()
+            # A non-finite loss still goes through backward (every rank must join the gradient all-reduce);
+            # its non-finite gradient then skips the step below.
+            (loss / accumulate).backward()
+        stats += torch.stack([loss.detach(), *(terms.as_dict()[k].detach().mean() for k in TERMS)]).double().cpu()
+    stats = world.mean(stats / accumulate)
+    finite = bool(torch.isfinite(stats).all())
     grad_norm = float("nan")
     if finite:
-        loss.backward()
         params = [p for p in model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
         grad_norm = float(norm)
@@ -89,8 +121,7 @@ def train_step(model: Diffusion, opt: torch.optim.Optimizer, x: Tensor, *, gener
         if finite:
             opt.step()
     opt.zero_grad(set_to_none=True)
-    return StepOut(loss_bpd=float(loss.detach()),
-                   terms={k: float(v.detach().mean()) for k, v in terms.as_dict().items()},
+    return StepOut(loss_bpd=float(stats[0]), terms={k: float(v) for k, v in zip(TERMS, stats[1:])},
                    grad_norm=grad_norm, finite=finite)
 
 
@@ -157,9 +188,13 @@ class TrainResult:
 def train(cfg: Config, run_dir: Path, *, resume: bool = False,
           progress: Callable[[dict], None] | None = None) -> TrainResult:
     """Train (or resume) a run in ``run_dir``; checkpoints go to ``run_dir/checkpoints``."""
-    device = resolve_device(cfg.train.device)
+    world, device = distributed.setup(cfg.train.device)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
+    parts = world.size * cfg.train.accumulate
+    if cfg.train.batch_size % parts:
+        raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) is not divisible by {world.size} rank(s) x "
+                          f"{cfg.train.accumulate} accumulation step(s)")
     ckpt_dir = run_dir / "checkpoints"
     for stale in ckpt_dir.glob(".*.tmp"):  # half-written files of a run killed mid-write
         stale.unlink(missing_ok=True)
@@ -183,10 +218,23 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False,
         load_weights(ema.shadow, state["ema"], ckpt_dir / "last.pt", "EMA")
         opt.load_state_dict(state["optimizer"])
         start, best = int(state["step"]), float(state.get("best_bpd", float("inf")))
-    log = MetricsLog(run_dir)
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    model.set_runtime(amp_dtype=torch.bfloat16 if precision == "bf16" else None,
+                      channels_last=cfg.train.channels_last)
+    if cfg.train.compile:
+        model.denoiser.compile()
+    ddp = None
+    if world.distributed:
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
+    log = MetricsLog(run_dir) if world.main else None
     fingerprints = {"train": train_set.fingerprint(), "test": test_set.fingerprint()}
 
     def checkpoint(step: int, name: str = "last.pt") -> None:
+        if not world.main:
+            return
         payload = {"config": cfg, "step": step, "model": model.state_dict(), "ema": ema.shadow.state_dict(),
                    "optimizer": opt.state_dict(), "best_bpd": best, "data": fingerprints}
         save_checkpoint(ckpt_dir / name, payload)
@@ -195,23 +243,31 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False,
             for old_file in sorted(ckpt_dir.glob("step-*.pt"))[:-cfg.train.keep_checkpoints]:
                 old_file.unlink(missing_ok=True)
 
+    # CUDA: the uint8 training set lives on the GPU (CIFAR-10: 150 MB), so a batch is a device-side gather and
+    # the GPU never waits for the host; otherwise pinned host memory and asynchronous copies.
     images = train_set.images
+    if device.type == "cuda":
+        images = images.to(device) if cfg.train.data_on_device else images.pin_memory()
+    share = cfg.train.batch_size // world.size  # this rank's images of every batch
     t0, seen = time.perf_counter(), 0
     model.train()
     for step in range(start, cfg.train.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        x = images[batch_indices(len(images), cfg.train.batch_size, cfg.train.seed, step)].to(device)
-        torch.manual_seed(step_seed(cfg.train.seed, step, stream=2))  # dropout
+        idx = batch_indices(len(images), cfg.train.batch_size, cfg.train.seed, step)
+        idx = idx[world.rank * share:(world.rank + 1) * share].to(images.device)
+        x = images[idx].to(device, non_blocking=True)
         gen = torch.Generator(device).manual_seed(step_seed(cfg.train.seed, step, stream=3))
-        out = train_step(model, opt, x, generator=gen, grad_clip=cfg.train.grad_clip)
-        seen += x.shape[0]
+        out = train_step(model, opt, x, generator=gen, grad_clip=cfg.train.grad_clip, seed=cfg.train.seed,
+                         step=step, accumulate=cfg.train.accumulate, ddp=ddp)
+        seen += cfg.train.batch_size
         if out.finite:
             bad_run = 0
             ema.update(model, step)
         else:
             bad_run += 1
-            log.write({"kind": "train", "step": step + 1, "nonfinite": True, "consecutive": bad_run})
+            if log is not None:
+                log.write({"kind": "train", "step": step + 1, "nonfinite": True, "consecutive": bad_run})
             if bad_run >= cfg.train.max_nonfinite:
                 last = ckpt_dir / "last.pt"
                 raise MulanError(f"training stopped at step {step + 1}: {bad_run} consecutive non-finite losses; "
@@ -220,7 +276,7 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False,
         ips = seen / max(time.perf_counter() - t0, 1e-9)
         record = {"kind": "train", "step": done, "loss_bpd": out.loss_bpd, **out.terms,
                   "grad_norm": out.grad_norm, "lr": opt.param_groups[0]["lr"], "images_per_s": ips}
-        if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+        if log is not None and (done % cfg.train.log_every == 0 or done == cfg.train.steps):
             log.write(record)
         if cfg.train.eval_every and done % cfg.train.eval_every == 0:
             eval_bpd, half, count = evaluate_bpd(ema.shadow, test_set, images=cfg.train.eval_images,
@@ -229,17 +285,20 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False,
             if eval_bpd < best:
                 best = eval_bpd
                 checkpoint(done, "best.pt")
-            log.schedule_figure(ema.shadow, test_set.images, done)
-            log.write({"kind": "eval", "step": done, "test_bpd": eval_bpd, "ci95": half, "images": count,
-                       "time_points": cfg.train.eval_time_points, "estimator": "elbo"})
+            if log is not None:
+                log.schedule_figure(ema.shadow, test_set.images, done)
+                log.write({"kind": "eval", "step": done, "test_bpd": eval_bpd, "ci95": half, "images": count,
+                           "time_points": cfg.train.eval_time_points, "estimator": "elbo"})
             record["test_bpd"] = eval_bpd
-        if progress is not None:
+        if progress is not None and world.main:
             progress(record)
         if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
             checkpoint(done)
     if start >= cfg.train.steps and state is None:
         checkpoint(start)
-    log.close()
+    if log is not None:
+        log.close()
+    world.barrier()  # every rank leaves with rank 0's last checkpoint on disk
     return TrainResult(model=ema.shadow.eval(), train_set=train_set, test_set=test_set,
                        step=max(start, cfg.train.steps), best_bpd=best,
                        images_per_s=seen / max(time.perf_counter() - t0, 1e-9) if seen else 0.0)

@@ -8,7 +8,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from mulan import distributed, rng
 from mulan.diffusion import Diffusion, bits_per_dim
+from mulan.distributed import World
+from mulan.rng import ShardedGenerator
 
 
 @dataclass
@@ -34,27 +37,33 @@ class ELBOResult:
 @torch.no_grad()
 def elbo_per_image(model: Diffusion, images: Tensor, *, time_points: int = 128, batch_size: int = 256,
                    generator: torch.Generator | None = None,
-                   callback: Callable[[int, int], None] | None = None) -> ELBOResult:
+                   callback: Callable[[int, int], None] | None = None, world: World | None = None) -> ELBOResult:
     """The negative ELBO of every image in ``images`` (N, C, H, W), integers in 0..V-1.
 
     Each image gets ``time_points`` times t_s = (u + s/S) mod 1, s = 0..S-1, with its own uniform u
     (stratified); every term is averaged over them. The model is evaluated as it is (call ``.eval()``
-    first for the strict latent KL and no dropout).
+    first for the strict latent KL and no dropout). Under torchrun the images are sharded over the ranks
+    (``world``, default the job's) and every rank returns all results; with R ranks the draws equal those of
+    one process with R x ``batch_size``, except in a last, padded batch.
     """
     device = model.device
+    world = world or distributed.world()
     sums: dict[str, list[Tensor]] = {"recon": [], "prior": [], "diffusion": [], "latent": []}
     kind = "none"
-    for start in range(0, images.shape[0], batch_size):
-        x = images[start:start + batch_size].to(device)
-        u = torch.rand(x.shape[0], generator=generator, device=device)
-        acc = {k: torch.zeros(x.shape[0], dtype=torch.float64, device=device) for k in sums}
+    done = 0
+    for idx, real in world.batches(images.shape[0], batch_size):
+        x = images[idx].to(device)
+        gen = ShardedGenerator(generator, world.rank, world.size) if world.distributed else generator
+        u = rng.rand((x.shape[0],), gen, device=device)
+        acc = torch.zeros(len(sums), x.shape[0], dtype=torch.float64, device=device)
         for s in range(time_points):
-            terms = model.elbo_terms(x, t=torch.remainder(u + s / time_points, 1.0), generator=generator)
+            terms = model.elbo_terms(x, t=torch.remainder(u + s / time_points, 1.0), generator=gen)
             kind = terms.latent_kl
-            for k, v in terms.as_dict().items():
-                acc[k] += v.double()
-        for k in sums:
-            sums[k].append((acc[k] / time_points).cpu())
+            acc += torch.stack([terms.as_dict()[k].double() for k in sums])
+        acc = world.gather((acc / time_points).T.contiguous())[:real].cpu()  # (real, terms)
+        for i, k in enumerate(sums):
+            sums[k].append(acc[:, i])
+        done += real
         if callback is not None:
-            callback(min(start + batch_size, images.shape[0]), images.shape[0])
+            callback(done, images.shape[0])
     return ELBOResult(**{k: torch.cat(v) for k, v in sums.items()}, latent_kl=kind, time_points=time_points)

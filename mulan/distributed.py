@@ -1,0 +1,127 @@
+"""torch.distributed for training and evaluation under ``torchrun``.
+
+``torchrun --nproc_per_node N -m mulan train ...`` (or ``--nnodes``/``--rdzv-endpoint`` for several machines)
+sets RANK, WORLD_SIZE and LOCAL_RANK; :func:`setup` then joins the process group (NCCL on CUDA, gloo on
+CPU) and picks this rank's device. Without those variables everything runs as one process (rank 0 of 1) and
+no collective is ever called.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterator
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from mulan.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the ranks of a job."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the only one that logs, prints and writes files."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def mean(self, values: Tensor) -> Tensor:
+        """Elementwise mean of ``values`` over ranks (``values`` itself on one process)."""
+        if not self.distributed:
+            return values
+        out = values.detach().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out / self.size
+
+    def gather(self, values: Tensor) -> Tensor:
+        """Concatenate every rank's ``values`` (same shape on every rank) in rank order, on every rank."""
+        if not self.distributed:
+            return values
+        parts = [torch.empty_like(values) for _ in range(self.size)]
+        dist.all_gather(parts, values.contiguous())
+        return torch.cat(parts)
+
+    def batches(self, n: int, batch_size: int) -> Iterator[tuple[Tensor, int]]:
+        """Shard items 0..n-1 for evaluation: global batches of ``batch_size`` x ranks, each split into equal
+        contiguous parts, the last padded by repeating item n-1, so every rank runs the same number of
+        equally sized batches. Yields (this rank's item indices, number of real items in the global batch);
+        ``gather`` the per-item results and keep the first that many."""
+        step = batch_size * self.size
+        for start in range(0, n, step):
+            real = min(step, n - start)
+            local = -(-real // self.size)
+            first = start + self.rank * local
+            yield torch.arange(first, first + local).clamp_max(n - 1), real
+
+    def agree(self, text: str) -> str:
+        """Rank 0's ``text`` on every rank (e.g. an error message, or the empty string)."""
+        if not self.distributed:
+            return text
+        box = [text]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+_WORLD = World()
+
+
+def world() -> World:
+    """The current job's :class:`World` (one process unless :func:`setup` joined a group)."""
+    return _WORLD
+
+
+def env_world_size() -> int:
+    """WORLD_SIZE as torchrun sets it (1 when absent)."""
+    try:
+        return max(int(os.environ.get("WORLD_SIZE", "1")), 1)
+    except ValueError:
+        raise ConfigError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not an integer") from None
+
+
+def setup(device: str = "auto", timeout_s: float = 1800.0) -> tuple[World, torch.device]:
+    """Join the process group torchrun describes (if any); returns this rank's world and device.
+
+    ``device`` is train.device: 'auto' (CUDA when available), 'cpu', or 'cuda' (each rank then takes
+    cuda:LOCAL_RANK). One process: the device named, no process group.
+    """
+    global _WORLD
+    from mulan.train import resolve_device
+
+    base = resolve_device(device)
+    size = env_world_size()
+    if size == 1:
+        return _WORLD, base
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if base.type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA devices are visible")
+        base = torch.device("cuda", local)
+        torch.cuda.set_device(base)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if base.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s),
+                                **({"device_id": base} if base.type == "cuda" else {}))
+    _WORLD = World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=local)
+    return _WORLD, base
+
+
+def teardown() -> None:
+    global _WORLD
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _WORLD = World()

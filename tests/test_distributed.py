@@ -1,0 +1,192 @@
+"""Data parallelism: split batches draw what the whole batch draws; 2 gloo processes train and evaluate as 1.
+
+The torchrun tests start real processes (`python -m torch.distributed.run`, which is what `torchrun` runs).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, tiny
+from mulan import rng
+from mulan.checkpoint import load_checkpoint
+from mulan.distributed import World
+from mulan.errors import ConfigError
+from mulan.rng import ShardedGenerator
+from mulan.train import build_model, train
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss_bpd"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "train"]
+
+
+# --- sharded draws ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("count", [2, 3, 4])
+def test_sharded_draws_are_slices_of_the_whole_batch_draws(count):
+    b = 5
+    whole = {
+        "randn": rng.randn((b * count, 3, 2), torch.Generator().manual_seed(1)),
+        "rand": rng.rand((b * count, 7), torch.Generator().manual_seed(1)),
+        "gamma": rng.standard_gamma((4, b * count, 6), 0.25, torch.Generator().manual_seed(1), batch_dim=1),
+        "times": rng.antithetic_times(b * count, torch.Generator().manual_seed(1)),
+    }
+    for i in range(count):
+        def g():
+            return ShardedGenerator(torch.Generator().manual_seed(1), i, count)
+        part = slice(i * b, (i + 1) * b)
+        assert torch.equal(rng.randn((b, 3, 2), g()), whole["randn"][part])
+        assert torch.equal(rng.rand((b, 7), g()), whole["rand"][part])
+        assert torch.equal(rng.standard_gamma((4, b, 6), 0.25, g(), batch_dim=1), whole["gamma"][:, part])
+        assert torch.equal(rng.antithetic_times(b, g()), whole["times"][part])
+
+
+@pytest.mark.parametrize("preset", ["digits-vdm", "digits-mulan", "digits-mulan-v"])
+def test_elbo_terms_of_batch_parts_equal_the_whole_batch(preset):
+    model = build_model(tiny(preset, "model.latent.noise=gamma" if preset == "digits-mulan" else "train.seed=0"))
+    model.train()
+    x = torch.randint(0, 17, (12, 1, 8, 8))
+    whole = model.elbo_terms(x, generator=torch.Generator().manual_seed(3)).total
+    parts = [model.elbo_terms(x[i * 4:(i + 1) * 4], generator=ShardedGenerator(torch.Generator().manual_seed(3), i, 3)).total
+             for i in range(3)]
+    torch.testing.assert_close(torch.cat(parts), whole, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n,batch,size", [(10, 3, 2), (7, 4, 3), (1, 5, 2), (12, 2, 3)])
+def test_eval_shards_cover_every_item_once_with_equal_batches_per_rank(n, batch, size):
+    per_rank = [list(World(rank=r, size=size).batches(n, batch)) for r in range(size)]
+    assert len({len(p) for p in per_rank}) == 1  # the same number of batches on every rank
+    for batches in zip(*per_rank):
+        assert len({len(idx) for idx, _ in batches}) == 1  # ... of the same size
+        real = batches[0][1]
+        gathered = torch.cat([idx for idx, _ in batches])[:real]
+        assert gathered.tolist() == sorted(set(gathered.tolist()))
+    covered = [i for batches in zip(*per_rank) for i in torch.cat([idx for idx, _ in batches])[:batches[0][1]].tolist()]
+    assert covered == list(range(n))
+
+
+# --- gradient accumulation ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("preset", ["digits-vdm", "digits-mulan"])
+def test_accumulated_micro_batches_give_the_same_losses_and_weights(tmp_path, preset):
+    one = train(tiny(preset), tmp_path / "one")
+    four = train(tiny(preset, "train.accumulate=4"), tmp_path / "four")
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "four")), torch.tensor(losses(tmp_path / "one")),
+                               rtol=1e-5, atol=1e-6)
+    for p, q in zip(one.model.state_dict().values(), four.model.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+def test_batch_not_divisible_by_accumulation_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"train.batch_size \(16\) must be divisible by train.accumulate \(3\)"):
+        tiny("digits-vdm", "train.accumulate=3")
+
+
+# --- mixed precision ----------------------------------------------------------------------------------------
+
+def test_bf16_autocasts_only_the_denoiser_and_only_while_training():
+    model = build_model(tiny("digits-mulan"))
+    with torch.no_grad():  # the output layer starts at zero (eps_hat = 0 in any precision): perturb it
+        for p in model.denoiser.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.randint(0, 17, (6, 1, 8, 8))
+
+    def terms(train_mode: bool):
+        model.train(train_mode)
+        return model.elbo_terms(x, generator=torch.Generator().manual_seed(0), strict=True)
+
+    ref_train, ref_eval = terms(True), terms(False)
+    model.set_runtime(amp_dtype=torch.bfloat16)
+    amp_train, amp_eval = terms(True), terms(False)
+    for k in ("recon", "prior", "diffusion", "latent"):
+        assert getattr(amp_train, k).dtype == torch.float32
+        torch.testing.assert_close(getattr(amp_eval, k), getattr(ref_eval, k), rtol=0, atol=0)  # eval: fp32
+    # The schedule's terms do not touch the denoiser: identical; the diffusion loss moves by bf16 rounding only.
+    assert torch.equal(amp_train.prior, ref_train.prior) and torch.equal(amp_train.recon, ref_train.recon)
+    assert not torch.equal(amp_train.diffusion, ref_train.diffusion)
+    torch.testing.assert_close(amp_train.diffusion, ref_train.diffusion, rtol=0.05, atol=0.5)
+
+
+def test_bf16_training_on_cpu_runs_and_stays_finite(tmp_path):
+    train(tiny("digits-mulan", "train.precision=bf16", "model.denoiser.dropout=0.1"), tmp_path)
+    assert all(torch.isfinite(torch.tensor(losses(tmp_path))))
+
+
+def test_channels_last_gives_the_same_elbo():
+    model = build_model(tiny("digits-vdm")).eval()
+    x = torch.randint(0, 17, (4, 1, 8, 8))
+    ref = model.elbo_terms(x, generator=torch.Generator().manual_seed(0)).total
+    model.set_runtime(channels_last=True)
+    torch.testing.assert_close(model.elbo_terms(x, generator=torch.Generator().manual_seed(0)).total, ref,
+                               rtol=1e-5, atol=1e-4)
+
+
+# --- torchrun -----------------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mulan(*args: str, ranks: int = 0, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`python -m mulan ARGS`, or under torchrun with ``ranks`` CPU processes (gloo)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "mulan"]
+    if ranks:
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+                  "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "mulan"]
+    return subprocess.run([*launch, *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+DDP = [*TINY, "train.steps=4", "train.device=cpu", "train.checkpoint_every=4"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["digits-mulan"])
+def test_two_processes_train_and_evaluate_like_one(tmp_path, preset):
+    one = mulan("train", "--preset", preset, "--out", str(tmp_path / "one"), "--no-progress", "--quick", *DDP)
+    assert one.returncode == 0, one.stderr
+    two = mulan("train", "--preset", preset, "--out", str(tmp_path / "two"), "--no-progress", "--quick", *DDP, ranks=2)
+    assert two.returncode == 0, two.stderr
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "two")), torch.tensor(losses(tmp_path / "one")),
+                               rtol=1e-5, atol=1e-6)
+    a, b = (load_checkpoint(tmp_path / r / "checkpoints" / "last.pt") for r in ("one", "two"))
+    for k in a["ema"]:
+        torch.testing.assert_close(b["ema"][k], a["ema"][k], rtol=1e-4, atol=1e-5)
+    assert (tmp_path / "two" / "samples.png").is_file()  # rank 0 finished the run
+
+    # Sharded evaluation: 2 ranks x batch 8 draw what 1 process with batch 16 draws (48 images: no padding).
+    ckpt = str(tmp_path / "one" / "checkpoints" / "last.pt")
+    runs = {}
+    for name, ranks, batch in (("single", 0, 16), ("sharded", 2, 8)):
+        out = tmp_path / f"eval-{name}"
+        res = mulan("eval", ckpt, "--limit", "48", "--time-points", "2", "--out", str(out),
+                    f"eval.batch_size={batch}", ranks=ranks)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.count("ELBO bound") == 1  # printed by rank 0 only
+        with open(out / "eval-elbo-test.csv") as f:
+            runs[name] = [float(r["bpd"]) for r in csv.DictReader(f)]
+    assert len(runs["sharded"]) == 48
+    torch.testing.assert_close(torch.tensor(runs["sharded"]), torch.tensor(runs["single"]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_batch_not_divisible_across_ranks_is_a_one_line_error(tmp_path):
+    res = mulan("train", "--preset", "digits-vdm", "--out", str(tmp_path / "r"), "--no-progress", *DDP,
+                "train.batch_size=15", ranks=2)
+    assert res.returncode != 0
+    errors = [line for line in res.stderr.splitlines() if line.startswith("mulan: error:")]
+    assert errors and "not divisible by 2 rank(s)" in errors[0]
+    assert "mulan/" not in res.stderr  # no traceback through our code (torchrun adds its own failure summary)
+    assert not (tmp_path / "r" / "checkpoints" / "last.pt").exists()
