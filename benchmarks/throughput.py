@@ -34,13 +34,19 @@ import torch
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 2.0) -> float:
     """Achieved FLOP/s of a large square matmul (the machine's practical peak for ``dtype``)."""
-    n = 4096 if device.type == "cpu" else 8192
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(2):
+    n, limit = 512, (4096 if device.type == "cpu" else 8192)
+    while True:  # grow the size until one product takes a measurable time (slow dtypes stop early)
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
         a @ b
-    sync()
+        sync()
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        if n >= limit or time.perf_counter() - t0 > 0.1:
+            break
+        n *= 2
     reps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         a @ b
@@ -128,7 +134,11 @@ def measure_one(preset: str, mode: str, batch: int, steps: int, device_name: str
 def run_one(args, preset: str, mode: str, batch: int) -> dict | None:
     cmd = [sys.executable, __file__, "--one", json.dumps([preset, mode, batch]), "--steps", str(args.steps),
            "--device", args.device, "--threads", str(args.threads)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        print(f"  {preset} {mode}: over --timeout {args.timeout} s, skipped", file=sys.stderr)
+        return {"preset": preset, "mode": mode, "batch": batch, "timed_out": True}
     if res.returncode != 0:
         print(f"  {preset} {mode}: failed: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else '?'}",
               file=sys.stderr)
@@ -167,6 +177,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--ddp", action="store_true", help="also compare 2-process DDP with 1 process on digits")
     p.add_argument("--ddp-steps", type=int, default=150)
+    p.add_argument("--timeout", type=float, default=600, help="seconds per configuration before it is skipped")
     p.add_argument("--json", help="write all rows here")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -189,7 +200,9 @@ def main() -> None:
         batch = args.digits_batch if preset.startswith("digits") else args.cifar_batch
         for mode in args.modes.split(","):
             row = run_one(args, preset, mode, batch)
-            if row is not None:
+            if row is not None and row.get("timed_out"):
+                rows.append(row)
+            elif row is not None:
                 row["peak_fraction"] = row["flops_per_s"] / peaks["bf16" if mode == "bf16" else "fp32"]
                 rows.append(row)
                 print(f"  measured {preset} {mode}: {row['step_s']:.3f} s/step", file=sys.stderr)
@@ -199,11 +212,14 @@ def main() -> None:
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for r in rows:
+        if r.get("timed_out"):
+            print(f"| {r['preset']} | {r['mode']} | {r['batch']} | over {args.timeout:.0f} s: not measured |||||||")
+            continue
         share = f"{100 * r['matmul_share']:.0f}%" if r["matmul_share"] is not None else "n/a"
         print(f"| {r['preset']} | {r['mode']} | {r['batch']} | {r['params'] / 1e6:.2f}M | {r['step_s']:.3f} "
               f"| {r['images_per_s']:.1f} | {r['flops_per_step'] / 1e9:.1f} | {r['flops_per_s'] / 1e9:.1f} "
               f"| {100 * r['peak_fraction']:.0f}% | {share} | {r['peak_mem_mib']:.0f} |")
-    by = {(r["preset"], r["mode"]): r for r in rows}
+    by = {(r["preset"], r["mode"]): r for r in rows if not r.get("timed_out")}
     for family in ("digits", "cifar10"):
         for mode in args.modes.split(","):
             v, m = by.get((f"{family}-vdm", mode)), by.get((f"{family}-mulan", mode))

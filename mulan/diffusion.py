@@ -190,35 +190,70 @@ class Diffusion(nn.Module):
 
     def decoder_logits(self, x0_rescaled: Tensor, gamma0: Tensor) -> Tensor:
         """log p(x = v | x_0) up to a constant, (B, C, H, W, V): -1/2 ((x_0' - x_tilde(v)) exp(-gamma_0/2))^2."""
-        inv_std = torch.exp(-0.5 * gamma0).expand_as(x0_rescaled).unsqueeze(-1)
-        diff = x0_rescaled.unsqueeze(-1) - self._values(x0_rescaled.device)
-        return -0.5 * (diff * inv_std).square()
+        return decoder_logits(x0_rescaled, gamma0, self._values(x0_rescaled.device))
 
     def _recon(self, x: Tensor, x_tilde: Tensor, g0: GammaOut, generator) -> Tensor:
-        # SPEC 1: x_0' = x_tilde + exp(gamma_0/2) eps is x_0 / alpha_0; discrete decoder over the V values.
-        eps = rng.randn(x_tilde.shape, generator, device=x.device, dtype=x_tilde.dtype)
-        x0 = x_tilde + torch.exp(0.5 * g0.gamma) * eps
-        logp = F.log_softmax(self.decoder_logits(x0, g0.gamma), dim=-1)
-        return -logp.gather(-1, x.long().unsqueeze(-1)).squeeze(-1).flatten(1).sum(1)
+        return discrete_recon(x, x_tilde, g0, self._values(x.device), generator)
 
     def _prior(self, x_tilde: Tensor, g1: GammaOut) -> Tensor:
-        # SPEC 2: KL(N(alpha_1 x, sigma_1^2) || N(0, 1)) per pixel, summed.
-        alpha2, sigma2 = g1.alpha2, g1.sigma2
-        kl = 0.5 * (alpha2 * x_tilde.square() + sigma2 - F.logsigmoid(g1.gamma) - 1.0)
-        return kl.flatten(1).sum(1)
+        return prior_kl(x_tilde, g1)
 
     def _diffusion(self, x_tilde: Tensor, t: Tensor, bound: BoundSchedule, z: Tensor | None, generator) -> Tensor:
-        T = self.cfg.timesteps
-        if T > 0:  # discrete time: t on the grid {1/T, ..., 1}, s = t - 1/T
-            t = (torch.floor(t * T) + 1.0) / T
-        g = bound(t)
-        eps = rng.randn(x_tilde.shape, generator, device=x_tilde.device, dtype=x_tilde.dtype)
-        x_t = g.alpha2.sqrt() * x_tilde + g.sigma2.sqrt() * eps
-        err = (eps - self.eps_hat(x_t, g, z)).square()
-        if T > 0:
-            # SPEC 3, discrete: 1/2 T sum expm1(gamma_t - gamma_s) (eps - eps_hat)^2
-            weight = T * torch.expm1(g.gamma - bound(t - 1.0 / T).gamma)
-        else:
-            # SPEC 3, continuous: 1/2 sum gamma'(t) (eps - eps_hat)^2
-            weight = g.dgamma_dt
-        return 0.5 * (weight * err).flatten(1).sum(1)
+        return diffusion_loss(x_tilde, t, bound, lambda x_t, t, g: self.eps_hat(x_t, g, z),
+                              timesteps=self.cfg.timesteps, generator=generator)
+
+
+# --- the terms, for any schedule and denoiser --------------------------------------------------------------
+# Functions of plain callables so users can bound the likelihood of their own networks (mulan.likelihood.elbo).
+
+def decoder_logits(x0_rescaled: Tensor, gamma0: Tensor, values: Tensor) -> Tensor:
+    """log p(x = v | x_0) up to a constant, (B, C, H, W, V): -1/2 ((x_0' - values[v]) exp(-gamma_0/2))^2."""
+    inv_std = torch.exp(-0.5 * gamma0).expand_as(x0_rescaled).unsqueeze(-1)
+    return -0.5 * ((x0_rescaled.unsqueeze(-1) - values) * inv_std).square()
+
+
+def discrete_recon(x: Tensor, x_tilde: Tensor, g0: GammaOut, values: Tensor, generator: Generator = None) -> Tensor:
+    """SPEC 1: -log p(x | x_0) for the discrete decoder over ``values`` = x_tilde(v), v = 0..V-1, with
+    x_0' = x_0 / alpha_0 = x_tilde + exp(gamma_0 / 2) eps; (B,) nats."""
+    eps = rng.randn(x_tilde.shape, generator, device=x_tilde.device, dtype=x_tilde.dtype)
+    x0 = x_tilde + torch.exp(0.5 * g0.gamma) * eps
+    logp = F.log_softmax(decoder_logits(x0, g0.gamma, values), dim=-1)
+    return -logp.gather(-1, x.long().unsqueeze(-1)).squeeze(-1).flatten(1).sum(1)
+
+
+def gaussian_recon(x_tilde: Tensor, g0: GammaOut, generator: Generator = None) -> Tensor:
+    """-log p(x_tilde | x_0) for continuous data: the Gaussian decoder N(x_tilde; x_0 / alpha_0, exp(gamma_0));
+    (B,) nats. With x_0 / alpha_0 = x_tilde + exp(gamma_0 / 2) eps this is 1/2 (eps^2 + gamma_0 + log 2 pi)."""
+    eps = rng.randn(x_tilde.shape, generator, device=x_tilde.device, dtype=x_tilde.dtype)
+    gamma0 = g0.gamma.expand_as(x_tilde)
+    return 0.5 * (eps.square() + gamma0 + math.log(2 * math.pi)).flatten(1).sum(1)
+
+
+def prior_kl(x_tilde: Tensor, g1: GammaOut) -> Tensor:
+    """SPEC 2: KL(N(alpha_1 x_tilde, sigma_1^2) || N(0, 1)) per pixel, summed; (B,) nats."""
+    alpha2, sigma2 = g1.alpha2, g1.sigma2
+    kl = 0.5 * (alpha2 * x_tilde.square() + sigma2 - F.logsigmoid(g1.gamma) - 1.0)
+    return kl.flatten(1).sum(1)
+
+
+def diffusion_loss(x_tilde: Tensor, t: Tensor, bound: BoundSchedule, predict: Callable[[Tensor, Tensor, GammaOut], Tensor],
+                   *, timesteps: int = 0, generator: Generator = None) -> Tensor:
+    """SPEC 3: the diffusion loss at times ``t`` (B,) with one noise draw; (B,) nats.
+
+    ``predict(x_t, t, g)`` returns eps_hat given x_t, t and the schedule's output g at t. ``timesteps`` T > 0 gives the
+    discrete-time loss (t moved onto the grid {1/T, ..., 1}), 0 the continuous-time one.
+    """
+    T = timesteps
+    if T > 0:  # discrete time: t on the grid {1/T, ..., 1}, s = t - 1/T
+        t = (torch.floor(t * T) + 1.0) / T
+    g = bound(t)
+    eps = rng.randn(x_tilde.shape, generator, device=x_tilde.device, dtype=x_tilde.dtype)
+    x_t = g.alpha2.sqrt() * x_tilde + g.sigma2.sqrt() * eps
+    err = (eps - predict(x_t, t, g)).square()
+    if T > 0:
+        # discrete: 1/2 T sum expm1(gamma_t - gamma_s) (eps - eps_hat)^2
+        weight = T * torch.expm1(g.gamma - bound(t - 1.0 / T).gamma)
+    else:
+        # continuous: 1/2 sum gamma'(t) (eps - eps_hat)^2
+        weight = g.dgamma_dt
+    return 0.5 * (weight * err).flatten(1).sum(1)

@@ -156,3 +156,26 @@ def test_antithetic_times_cover_unit_interval_evenly():
     gaps = torch.sort(t).values.diff()
     torch.testing.assert_close(gaps, torch.full_like(gaps, 1 / 8))
     assert t.min() >= 0 and t.max() < 1
+
+
+def test_negative_elbo_of_plain_callables_equals_the_models_terms():
+    """The public estimator (any eps_fn and schedule) computes the model's own terms from its condition()."""
+    import pytest
+
+    from mulan.likelihood.elbo import negative_elbo
+
+    for preset in ("digits-vdm", "digits-mulan-v"):
+        model = model_for(preset)
+        with torch.no_grad():  # a non-zero denoiser output
+            for p in model.denoiser.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        x = digits_batch()
+        t = torch.rand(8, dtype=torch.float64)
+        ref = model.elbo_terms(x, t=t, generator=torch.Generator().manual_seed(4))
+        cond = model.condition(x)
+        got = negative_elbo(model.encode(x), cond.eps_fn, cond.bound, t, x=x, num_values=17,
+                            generator=torch.Generator().manual_seed(4))
+        for k in ("recon", "prior", "diffusion"):
+            torch.testing.assert_close(got[k], getattr(ref, k), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError):
+        negative_elbo(model.encode(x), cond.eps_fn, cond.bound, t, x=x)

@@ -9,9 +9,11 @@ import torch
 from torch import Tensor
 
 from mulan import distributed, rng
-from mulan.diffusion import Diffusion, bits_per_dim
+from mulan.diffusion import (Diffusion, EpsFn, bits_per_dim, diffusion_loss, discrete_recon, gaussian_recon,
+                             prior_kl)
 from mulan.distributed import World
-from mulan.rng import ShardedGenerator
+from mulan.rng import Generator, ShardedGenerator
+from mulan.schedules import BoundSchedule
 
 
 @dataclass
@@ -67,3 +69,28 @@ def elbo_per_image(model: Diffusion, images: Tensor, *, time_points: int = 128, 
         if callback is not None:
             callback(done, images.shape[0])
     return ELBOResult(**{k: torch.cat(v) for k, v in sums.items()}, latent_kl=kind, time_points=time_points)
+
+
+def negative_elbo(x_tilde: Tensor, eps_fn: EpsFn, bound: BoundSchedule, t: Tensor, *, x: Tensor | None = None,
+                  num_values: int = 0, timesteps: int = 0, generator: Generator = None) -> dict[str, Tensor]:
+    """The negative ELBO's terms (B,) in nats for any denoiser ``eps_fn(x_t, t)`` and schedule ``bound(t)``
+    (e.g. ``model.condition(x)``'s, or your own), at diffusion times ``t`` (B,), one noise draw each.
+
+    Discrete data: pass the integers ``x`` and ``num_values`` V (VDM's discrete decoder; ``x_tilde`` must be
+    their encoding 2 (x + 1/2) / V - 1). Continuous data (``x`` None): the Gaussian decoder
+    N(x_tilde; x_0 / alpha_0, exp(gamma_0)), a bound on -log p(x_tilde) as a density. A latent's KL is not
+    included. Average over many ``t`` (e.g. stratified) for the expected bound.
+    """
+    batch = x_tilde.shape[0]
+    zeros = torch.zeros(batch, dtype=x_tilde.dtype, device=x_tilde.device)
+    g0, g1 = bound(zeros), bound(zeros + 1.0)
+    if x is not None:
+        if num_values < 2:
+            raise ValueError("discrete data needs num_values >= 2")
+        values = 2.0 * (torch.arange(num_values, device=x_tilde.device, dtype=x_tilde.dtype) + 0.5) / num_values - 1.0
+        recon = discrete_recon(x, x_tilde, g0, values, generator)
+    else:
+        recon = gaussian_recon(x_tilde, g0, generator)
+    return {"recon": recon, "prior": prior_kl(x_tilde, g1),
+            "diffusion": diffusion_loss(x_tilde, t, bound, lambda x_t, s, g: eps_fn(x_t, s), timesteps=timesteps,
+                                        generator=generator)}
