@@ -72,7 +72,8 @@ def measure_one(preset: str, mode: str, batch: int, steps: int, device_name: str
     if device.type == "cuda":  # fp32 means fp32: no TF32 behind the measurement
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    cfg = apply_overrides(get_preset(preset), [f"train.batch_size={batch}"])
+    name, *overrides = preset.split("+")  # e.g. cifar10-mulan+model.schedule.decoder=lowrank
+    cfg = apply_overrides(get_preset(name), [*overrides, f"train.batch_size={batch}"])
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
     model.set_runtime(amp_dtype=torch.bfloat16 if mode == "bf16" else None,
@@ -168,7 +169,8 @@ def ddp_comparison(steps: int) -> list[dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--presets", default="digits-vdm,digits-mulan,cifar10-vdm,cifar10-mulan")
+    p.add_argument("--presets", default="digits-vdm,digits-mulan,cifar10-vdm,cifar10-mulan",
+                   help="comma list; PRESET+KEY=VALUE+... adds overrides, e.g. cifar10-mulan+model.schedule.decoder=lowrank")
     p.add_argument("--modes", default="eager,bf16", help="comma list of eager, bf16, compiled, channels_last")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=3, help="timed steps per configuration (median reported)")
@@ -222,9 +224,10 @@ def main() -> None:
     by = {(r["preset"], r["mode"]): r for r in rows if not r.get("timed_out")}
     for family in ("digits", "cifar10"):
         for mode in args.modes.split(","):
-            v, m = by.get((f"{family}-vdm", mode)), by.get((f"{family}-mulan", mode))
-            if v and m:
-                print(f"MuLAN/VDM step-time ratio, {family}, {mode}: {m['step_s'] / v['step_s']:.2f}")
+            v = by.get((f"{family}-vdm", mode))
+            for (preset, m_mode), m in by.items():
+                if v and m_mode == mode and preset.startswith(f"{family}-mulan"):
+                    print(f"MuLAN/VDM step-time ratio, {preset} vs {family}-vdm, {mode}: {m['step_s'] / v['step_s']:.2f}")
     ddp = []
     if args.ddp:
         ddp = ddp_comparison(args.ddp_steps)

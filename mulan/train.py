@@ -227,8 +227,8 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False,
         model.denoiser.compile()
     ddp = None
     if world.distributed:
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
+        # device_ids=None: the module already lives on this rank's one device and inputs are not moved.
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=None, broadcast_buffers=False)
     log = MetricsLog(run_dir) if world.main else None
     fingerprints = {"train": train_set.fingerprint(), "test": test_set.fingerprint()}
 

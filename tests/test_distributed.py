@@ -154,10 +154,14 @@ DDP = [*TINY, "train.steps=4", "train.device=cpu", "train.checkpoint_every=4"]
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["digits-mulan"])
-def test_two_processes_train_and_evaluate_like_one(tmp_path, preset):
+def test_two_processes_train_resume_and_evaluate_like_one(tmp_path, preset):
     one = mulan("train", "--preset", preset, "--out", str(tmp_path / "one"), "--no-progress", "--quick", *DDP)
     assert one.returncode == 0, one.stderr
-    two = mulan("train", "--preset", preset, "--out", str(tmp_path / "two"), "--no-progress", "--quick", *DDP, ranks=2)
+    # two ranks: 2 steps, then resumed under torchrun to the same 4
+    two = mulan("train", "--preset", preset, "--out", str(tmp_path / "two"), "--no-progress", "--quick", *DDP,
+                "train.steps=2", ranks=2)
+    assert two.returncode == 0, two.stderr
+    two = mulan("train", "--resume", "--out", str(tmp_path / "two"), "--no-progress", "--quick", "train.steps=4", ranks=2)
     assert two.returncode == 0, two.stderr
     torch.testing.assert_close(torch.tensor(losses(tmp_path / "two")), torch.tensor(losses(tmp_path / "one")),
                                rtol=1e-5, atol=1e-6)
