@@ -212,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "input-adaptive noise schedules (MuLAN) and the VDM family.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    t = sub.add_parser("train", help="train a model, then evaluate it on the whole test split and sample")
+    t = sub.add_parser("train", help="train a model, then evaluate it on the whole test split and sample",
+                       epilog="Several processes, GPUs or nodes: torchrun --nproc_per_node N -m mulan train ... "
+                              "(train.batch_size is the global batch; see the README).")
     t.add_argument("--preset", default="digits-mulan", help="named configuration (see `mulan presets`); default digits-mulan")
     t.add_argument("--out", help="run directory (default runs/PRESET); an existing run is never overwritten")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from mulan.errors import ConfigError
+from mulan.errors import ConfigError, MulanError
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,16 @@ class World:
             local = -(-real // self.size)
             first = start + self.rank * local
             yield torch.arange(first, first + local).clamp_max(n - 1), real
+
+    def check_same(self, module: torch.nn.Module, what: str) -> None:
+        """Raise if ``module``'s floating-point state differs between ranks (a float64 checksum per tensor)."""
+        if not self.distributed:
+            return
+        tensors = [v for v in module.state_dict().values() if v.dtype.is_floating_point]
+        sums = torch.stack([v.detach().double().sum() for v in tensors]) if tensors else torch.zeros(1)
+        everyone = self.gather(sums.to(tensors[0].device if tensors else "cpu")).reshape(self.size, -1)
+        if not bool((everyone == everyone[0]).all()):
+            raise MulanError(f"the {what} differ between ranks: the ranks have diverged")
 
     def agree(self, text: str) -> str:
         """Rank 0's ``text`` on every rank (e.g. an error message, or the empty string)."""

@@ -293,6 +293,7 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False,
         if progress is not None and world.main:
             progress(record)
         if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
+            world.check_same(ema.shadow, "EMA weights")  # every rank holds what rank 0 is about to save
             checkpoint(done)
     if start >= cfg.train.steps and state is None:
         checkpoint(start)
