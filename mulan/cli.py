@@ -80,7 +80,7 @@ def cmd_presets(args) -> None:
 
 def cmd_train(args) -> None:
     from mulan.checkpoint import load_checkpoint
-    from mulan.train import train
+    from mulan.train import check_batch_split, train
 
     if args.resume:
         if not args.out:
@@ -93,6 +93,7 @@ def cmd_train(args) -> None:
         print(json.dumps(to_dict(cfg), indent=2))
         return
     world, _ = distributed.setup(cfg.train.device)  # one process, or this rank of a torchrun job
+    check_batch_split(cfg, world.size)
     out = Path(args.out or f"runs/{cfg.preset or 'custom'}")
     if not args.resume and (out / "checkpoints" / "last.pt").exists():
         raise OutputError(f"{out} already holds a run; continue it with --resume or choose another --out")

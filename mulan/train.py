@@ -60,6 +60,13 @@ def batch_indices(n: int, batch: int, seed: int, step: int) -> Tensor:
     return idx if len(idx) == batch else perm[torch.arange(batch) % n]
 
 
+def check_batch_split(cfg: Config, ranks: int) -> None:
+    """The global batch must split evenly over ranks x accumulation steps."""
+    if cfg.train.batch_size % (ranks * cfg.train.accumulate):
+        raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) is not divisible by {ranks} rank(s) x "
+                          f"{cfg.train.accumulate} accumulation step(s)")
+
+
 def lr_at(step: int, cfg: Config) -> float:
     """Linear warm-up to ``train.lr`` over ``warmup_steps``, then constant (VDM)."""
     w = cfg.train.warmup_steps
@@ -191,10 +198,7 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False,
     world, device = distributed.setup(cfg.train.device)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    parts = world.size * cfg.train.accumulate
-    if cfg.train.batch_size % parts:
-        raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) is not divisible by {world.size} rank(s) x "
-                          f"{cfg.train.accumulate} accumulation step(s)")
+    check_batch_split(cfg, world.size)
     ckpt_dir = run_dir / "checkpoints"
     for stale in ckpt_dir.glob(".*.tmp"):  # half-written files of a run killed mid-write
         stale.unlink(missing_ok=True)

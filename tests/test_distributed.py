@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from conftest import TINY, tiny
+import mulan as mulan_pkg
 from mulan import rng
 from mulan.checkpoint import load_checkpoint
 from mulan.distributed import World
@@ -192,5 +193,6 @@ def test_batch_not_divisible_across_ranks_is_a_one_line_error(tmp_path):
     assert res.returncode != 0
     errors = [line for line in res.stderr.splitlines() if line.startswith("mulan: error:")]
     assert errors and "not divisible by 2 rank(s)" in errors[0]
-    assert "mulan/" not in res.stderr  # no traceback through our code (torchrun adds its own failure summary)
-    assert not (tmp_path / "r" / "checkpoints" / "last.pt").exists()
+    # no traceback through our code (torchrun adds its own failure summary, with its own frames)
+    assert str(Path(mulan_pkg.__file__).parent) not in res.stderr
+    assert not (tmp_path / "r").exists()  # checked before anything is written
