@@ -75,7 +75,8 @@ def evaluate_elbo(model: Diffusion, data: ImageDataset, *, time_points: int, bat
     summary = EvalSummary(
         estimator="elbo", settings={"time_points": time_points, "time_sampling": "stratified",
                                      "diffusion_loss": "discrete" if model.cfg.timesteps else "continuous",
-                                     "timesteps": model.cfg.timesteps, "seed": seed},
+                                     "timesteps": model.cfg.timesteps, "seed": seed, "batch_size": batch_size,
+                                     **_ranks()},
         split=data.split, images=int(images.shape[0]), subset=int(images.shape[0]) < len(data),
         dataset=_fingerprint(data, images), bpd=float(mean), ci95=float(half), terms_bpd=terms,
         latent_kl=res.latent_kl, latent_bpd=terms["latent"], wall_s=wall)
@@ -134,7 +135,8 @@ def evaluate_ode(model: Diffusion, data: ImageDataset, ecfg: EvalConfig, *, seed
     mean, half = mean_ci(bpd)
     settings = {"rtol": ecfg.ode_rtol, "atol": ecfg.ode_atol, "method": ecfg.ode_method,
                 "divergence": ecfg.ode_divergence, "dtype": str(dtype).removeprefix("torch."),
-                "dequantization": ecfg.dequantization, "dequant_samples": ecfg.dequant_samples, "seed": seed}
+                "dequantization": ecfg.dequantization, "dequant_samples": ecfg.dequant_samples, "seed": seed,
+                "batch_size": ecfg.batch_size, **_ranks()}
     if ecfg.ode_divergence == "hutchinson":
         settings.update(probes=ecfg.ode_probes, probe_dist=ecfg.ode_probe_dist)
     summary = EvalSummary(
@@ -147,6 +149,12 @@ def evaluate_ode(model: Diffusion, data: ImageDataset, ecfg: EvalConfig, *, seed
         write_per_image(out_dir / f"eval-ode-{data.split}.csv", {"bpd": bpd, "flow": flow, "latent": lat})
         write_summary(out_dir / f"eval-ode-{data.split}.json", summary)
     return summary
+
+
+def _ranks() -> dict:
+    """The rank count, when several shared the evaluation (the Monte-Carlo draws depend on it)."""
+    world = distributed.world()
+    return {"ranks": world.size} if world.distributed else {}
 
 
 def _fingerprint(data: ImageDataset, images: torch.Tensor) -> dict:
