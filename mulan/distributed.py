@@ -27,6 +27,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    device: torch.device = torch.device("cpu")  # where collectives run (NCCL: this rank's GPU)
 
     @property
     def main(self) -> bool:
@@ -45,17 +46,18 @@ class World:
         """Elementwise mean of ``values`` over ranks (``values`` itself on one process)."""
         if not self.distributed:
             return values
-        out = values.detach().clone()
+        out = values.detach().to(self.device, copy=True)
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out / self.size
+        return (out / self.size).to(values.device)
 
     def gather(self, values: Tensor) -> Tensor:
         """Concatenate every rank's ``values`` (same shape on every rank) in rank order, on every rank."""
         if not self.distributed:
             return values
-        parts = [torch.empty_like(values) for _ in range(self.size)]
-        dist.all_gather(parts, values.contiguous())
-        return torch.cat(parts)
+        here = values.detach().to(self.device).contiguous()
+        parts = [torch.empty_like(here) for _ in range(self.size)]
+        dist.all_gather(parts, here)
+        return torch.cat(parts).to(values.device)
 
     def batches(self, n: int, batch_size: int) -> Iterator[tuple[Tensor, int]]:
         """Shard items 0..n-1 for evaluation: global batches of ``batch_size`` x ranks, each split into equal
@@ -75,7 +77,7 @@ class World:
             return
         tensors = [v for v in module.state_dict().values() if v.dtype.is_floating_point]
         sums = torch.stack([v.detach().double().sum() for v in tensors]) if tensors else torch.zeros(1)
-        everyone = self.gather(sums.to(tensors[0].device if tensors else "cpu")).reshape(self.size, -1)
+        everyone = self.gather(sums).reshape(self.size, -1)
         if not bool((everyone == everyone[0]).all()):
             raise MulanError(f"the {what} differ between ranks: the ranks have diverged")
 
@@ -126,7 +128,8 @@ def setup(device: str = "auto", timeout_s: float = 1800.0) -> tuple[World, torch
     if not dist.is_initialized():
         dist.init_process_group("nccl" if base.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s),
                                 **({"device_id": base} if base.type == "cuda" else {}))
-    _WORLD = World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=local)
+    _WORLD = World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=local,
+                   device=base if base.type == "cuda" else torch.device("cpu"))
     return _WORLD, base
 
 
