@@ -196,3 +196,33 @@ def test_batch_not_divisible_across_ranks_is_a_one_line_error(tmp_path):
     # no traceback through our code (torchrun adds its own failure summary, with its own frames)
     assert str(Path(mulan_pkg.__file__).parent) not in res.stderr
     assert not (tmp_path / "r").exists()  # checked before anything is written
+
+
+def _check_same_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    from mulan import distributed
+    from mulan.errors import MulanError
+
+    world, _ = distributed.setup("cpu")
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    world.check_same(net, "weights")  # identical: passes
+    if rank == 1:
+        with torch.no_grad():
+            net.weight[0, 0] += 1e-3
+    try:
+        world.check_same(net, "weights")
+        result = "no error"
+    except MulanError as e:
+        result = str(e)
+    distributed.teardown()
+    Path(out, f"{rank}.txt").write_text(result)
+
+
+@pytest.mark.slow
+def test_ranks_that_diverge_are_caught(tmp_path):
+    torch.multiprocessing.spawn(_check_same_worker, args=(free_port(), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):  # every rank stops, not only the one that drifted
+        assert (tmp_path / f"{rank}.txt").read_text() == "the weights differ between ranks: the ranks have diverged"
