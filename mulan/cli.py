@@ -63,8 +63,6 @@ def _load_model(checkpoint: str, overrides: list[str], *, ema: bool = True, join
     model = build_model(cfg)
     load_weights(model, state["ema" if ema else "model"], checkpoint, "EMA" if ema else "model")
     if join_ranks:  # under torchrun: this rank's device in the job's process group
-        from mulan import distributed
-
         device = distributed.setup(cfg.train.device)[1]
     else:
         device = resolve_device(cfg.train.device)

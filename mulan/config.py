@@ -122,7 +122,7 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # denoiser autocast; auto: bf16 on CUDA GPUs that support it
     compile: bool = False  # torch.compile the denoiser (slow to start; pays off on GPUs)
     channels_last: bool = False  # channels-last memory format for the denoiser's convolutions
-    data_on_device: bool = True  # CUDA: keep the uint8 training set on the GPU (else pinned host memory)
+    data_on_device: bool = True  # CUDA: keep the uint8 training set on the GPU (else copy each batch from the host)
 
 
 @dataclass

@@ -59,6 +59,11 @@ def bits_per_dim(nats: Tensor, n: int) -> Tensor:
     return nats / (n * math.log(2.0))
 
 
+def encode(x: Tensor, num_values: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Integers 0..V-1 -> x_tilde = 2 (x + 0.5) / V - 1 in (-1, 1) (SPEC notation)."""
+    return 2.0 * (x.to(dtype) + 0.5) / num_values - 1.0
+
+
 def antithetic_times(batch: int, *, generator: Generator = None, device=None) -> Tensor:
     """Low-discrepancy times t_i = (u + i/B) mod 1 with one uniform u (SPEC "Time sampling")."""
     return rng.antithetic_times(batch, generator, device=device)
@@ -108,7 +113,7 @@ class Diffusion(nn.Module):
 
     def encode(self, x: Tensor) -> Tensor:
         """Integers 0..V-1 -> x_tilde = 2 (x + 0.5) / V - 1 in (-1, 1)."""
-        return 2.0 * (x.to(self.dtype) + 0.5) / self.num_values - 1.0
+        return encode(x, self.num_values, self.dtype)
 
     def _values(self, device) -> Tensor:
         """x_tilde(v) for every v in 0..V-1."""

@@ -81,14 +81,6 @@ class World:
         if not bool((everyone == everyone[0]).all()):
             raise MulanError(f"the {what} differ between ranks: the ranks have diverged")
 
-    def agree(self, text: str) -> str:
-        """Rank 0's ``text`` on every rank (e.g. an error message, or the empty string)."""
-        if not self.distributed:
-            return text
-        box = [text]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
 
 _WORLD = World()
 

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from mulan import distributed, rng
-from mulan.diffusion import (Diffusion, EpsFn, bits_per_dim, diffusion_loss, discrete_recon, gaussian_recon,
-                             prior_kl)
+from mulan.diffusion import (Diffusion, EpsFn, bits_per_dim, diffusion_loss, discrete_recon, encode,
+                             gaussian_recon, prior_kl)
 from mulan.distributed import World
 from mulan.rng import Generator, ShardedGenerator
 from mulan.schedules import BoundSchedule
@@ -87,7 +87,7 @@ def negative_elbo(x_tilde: Tensor, eps_fn: EpsFn, bound: BoundSchedule, t: Tenso
     if x is not None:
         if num_values < 2:
             raise ValueError("discrete data needs num_values >= 2")
-        values = 2.0 * (torch.arange(num_values, device=x_tilde.device, dtype=x_tilde.dtype) + 0.5) / num_values - 1.0
+        values = encode(torch.arange(num_values, device=x_tilde.device), num_values, x_tilde.dtype)
         recon = discrete_recon(x, x_tilde, g0, values, generator)
     else:
         recon = gaussian_recon(x_tilde, g0, generator)
