@@ -98,6 +98,19 @@ def env_world_size() -> int:
         raise ConfigError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not an integer") from None
 
 
+def resolve_device(name: str) -> torch.device:
+    """train.device as a torch device: 'auto' picks CUDA when available; a one-line error for a bad name."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device {name!r} is not a device name (auto, cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device is {name!r} but CUDA is not available")
+    return device
+
+
 def setup(device: str = "auto", timeout_s: float = 1800.0) -> tuple[World, torch.device]:
     """Join the process group torchrun describes (if any); returns this rank's world and device.
 
@@ -105,8 +118,6 @@ def setup(device: str = "auto", timeout_s: float = 1800.0) -> tuple[World, torch
     cuda:LOCAL_RANK). One process: the device named, no process group.
     """
     global _WORLD
-    from mulan.train import resolve_device
-
     base = resolve_device(device)
     size = env_world_size()
     if size == 1:

@@ -23,6 +23,7 @@ from mulan.checkpoint import load_checkpoint, load_weights, require, save_checkp
 from mulan.config import Config, to_dict
 from mulan.data import ImageDataset, load_splits
 from mulan.diffusion import Diffusion, bits_per_dim
+from mulan.distributed import resolve_device  # noqa: F401  (re-exported: the CLI imports it from here)
 from mulan.ema import EMA
 from mulan.errors import ConfigError, MulanError
 from mulan.likelihood.elbo import elbo_per_image
@@ -32,19 +33,6 @@ from mulan.rng import ShardedGenerator
 def build_model(cfg: Config) -> Diffusion:
     """The model a config describes."""
     return Diffusion(cfg.model, tuple(cfg.data.shape), cfg.data.num_values)
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' picks CUDA when available."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"train.device {name!r} is not a device name (auto, cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device is {name!r} but CUDA is not available")
-    return device
 
 
 def step_seed(seed: int, step: int, stream: int = 0) -> int:
