@@ -6,6 +6,7 @@ dataset's fingerprint), which latent KL it charges, and carries a 95% confidence
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -61,7 +62,7 @@ def evaluate_elbo(model: Diffusion, data: ImageDataset, *, time_points: int, bat
     """Negative ELBO of (the first ``limit`` images of, or all of) ``data``; writes per-image CSV + summary."""
     from mulan.likelihood.stats import mean_ci
 
-    model.eval()
+    model = _in_eval_mode(model, model.dtype)
     images = data.images[:limit] if 0 < limit < len(data) else data.images
     device = model.device
     t0 = time.perf_counter()
@@ -101,7 +102,7 @@ def evaluate_ode(model: Diffusion, data: ImageDataset, ecfg: EvalConfig, *, seed
     from mulan.likelihood.stats import mean_ci
 
     dtype = torch.float64 if ecfg.ode_float64 else torch.float32
-    model = model.to(dtype).eval()
+    model = _in_eval_mode(model, dtype)
     images = data.images[:limit] if 0 < limit < len(data) else data.images
     world = distributed.world()
     # Under torchrun every rank solves its own shard with its own draws (so the draws depend on the rank count).
@@ -149,6 +150,14 @@ def evaluate_ode(model: Diffusion, data: ImageDataset, ecfg: EvalConfig, *, seed
         write_per_image(out_dir / f"eval-ode-{data.split}.csv", {"bpd": bpd, "flow": flow, "latent": lat})
         write_summary(out_dir / f"eval-ode-{data.split}.json", summary)
     return summary
+
+
+def _in_eval_mode(model: Diffusion, dtype: torch.dtype) -> Diffusion:
+    """``model`` itself when it is already in eval mode and ``dtype``, else a converted copy: an estimator
+    never changes the mode or the dtype of the model it is given."""
+    if not model.training and model.dtype == dtype:
+        return model
+    return copy.deepcopy(model).to(dtype).eval()
 
 
 def _ranks() -> dict:

@@ -48,3 +48,19 @@ def test_ode_report_rows_average_to_the_summary(tmp_path):
     saved = json.loads((tmp_path / "eval-ode-test.json").read_text())
     assert saved["latent_kl"] == "strict" and saved["extra"]["mean_nfe"] > 0
     assert saved["settings"]["dequantization"] == "truncnorm" and saved["settings"]["rtol"] == 1e-3
+
+
+def test_estimators_leave_the_callers_model_as_it_was():
+    """evaluate_ode in float64 and evaluate_elbo work on the model they are given without converting it or
+    switching its mode (the caller may go on training it)."""
+    cfg = tiny("digits-mulan", "eval.ode_rtol=1e-2", "eval.ode_atol=1e-2", "eval.ode_float64=true", "eval.batch_size=2")
+    model = build_model(cfg).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _, test = load_splits(cfg.data)
+    ode = evaluate_ode(model, test, cfg.eval, limit=2)
+    elbo = evaluate_elbo(model, test, time_points=1, batch_size=2, limit=2)
+    assert ode.settings["dtype"] == "float64" and ode.latent_kl == elbo.latent_kl == "strict"  # evaluated in eval mode
+    assert model.training and model.dtype == torch.float32
+    after = model.state_dict()
+    for k, v in before.items():
+        assert after[k].dtype == v.dtype and torch.equal(after[k], v), k
