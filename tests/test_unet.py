@@ -87,6 +87,20 @@ def test_examples_are_independent_of_the_batch():
     torch.testing.assert_close(whole, alone, atol=1e-5, rtol=1e-4)
 
 
+def test_a_float64_net_keeps_z_in_float64():
+    """A change of z far below float32's resolution still moves a float64 net's output, by what its
+    derivative along that change predicts (cast to float32, z + 1e-9 would be z exactly)."""
+    net = make(cond_dim=3, perturb=True, attention=False).double().eval()  # (forward-mode AD has no CPU attention)
+    x, t, z = (v.double() for v in inputs(cond_dim=3))
+    z = 0.5 + z.abs()  # |z| >= 0.5: a float32 ulp there is >= 6e-8
+    dz = torch.full_like(z, 1e-9)
+    out = net(x, t, z)
+    moved = net(x, t, z + dz) - out
+    _, slope = torch.func.jvp(lambda c: net(x, t, c), (z,), (dz,))
+    assert out.dtype == torch.float64 and moved.abs().max() > 0
+    torch.testing.assert_close(moved, slope, rtol=1e-3, atol=1e-15)
+
+
 def test_channels_last_and_bf16_autocast_agree():
     net = make((3, 8, 10), perturb=True).eval()
     x, t, _ = inputs((3, 8, 10))

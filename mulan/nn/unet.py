@@ -75,10 +75,11 @@ class UNet(nn.Module):
             raise ValueError(f"this UNet takes cond of size {self.cond_dim}; got {None if cond is None else tuple(cond.shape)}")
         batch = x_t.shape[0]
 
-        emb = timestep_embedding(t_in.reshape(-1).expand(batch), self.embed_dim_t)  # (B, channels)
+        dtype = self.embed[0].weight.dtype  # the model's: z keeps its precision in a float64 model
+        emb = timestep_embedding(t_in.reshape(-1).expand(batch), self.embed_dim_t).to(dtype)  # (B, channels)
         if cond is not None:
-            emb = torch.cat([emb, cond.reshape(batch, self.cond_dim).float()], dim=1)
-        emb = self.embed(emb.to(self.embed[0].weight.dtype))  # (B, emb_dim)
+            emb = torch.cat([emb, cond.reshape(batch, self.cond_dim).to(dtype)], dim=1)
+        emb = self.embed(emb)  # (B, emb_dim)
 
         h = self.conv_in(fourier_features(x_t, *self.fourier))
         skips = [h]
