@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
-import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,26 +18,18 @@ from mulan.checkpoint import load_checkpoint, save_checkpoint
 from mulan.errors import OutputError
 from mulan.train import train
 
-STEPS = 14
+STEPS = 8
 SETTINGS = [*TINY, f"train.steps={STEPS}", "train.checkpoint_every=1", "model.denoiser.dropout=0.1"]
+KILL_AT = Path(__file__).with_name("kill_at.py")
 
 
-def start(out: Path, resume: bool) -> subprocess.Popen:
+def run(out: Path, *, resume: bool, kill_at: tuple[str, int] | None = None) -> subprocess.CompletedProcess:
+    """`mulan train` on ``out``; with ``kill_at=(event, n)`` it is SIGKILLed at the n-th such event (kill_at.py)."""
     args = ["--resume"] if resume else ["--preset", "digits-mulan"]
+    launch = [sys.executable, str(KILL_AT), *map(str, kill_at), "--"] if kill_at else [sys.executable, "-m", "mulan"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "mulan", "train", *args, "--out", str(out), "--no-progress",
-                             "--quick", *SETTINGS], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-
-
-def kill_when(proc: subprocess.Popen, ready) -> bool:
-    """SIGKILL ``proc`` as soon as ``ready()`` holds; False if it finished first."""
-    while proc.poll() is None:
-        if ready():
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            return True
-        time.sleep(0.002)
-    return False
+    return subprocess.run([*launch, "train", *args, "--out", str(out), "--no-progress", "--quick", *SETTINGS],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, timeout=300)
 
 
 def weights(path: Path) -> dict:
@@ -46,45 +37,52 @@ def weights(path: Path) -> dict:
     return {**{f"model.{k}": v for k, v in state["model"].items()}, **{f"ema.{k}": v for k, v in state["ema"].items()}}
 
 
+def last_losses(run_dir: Path) -> dict[int, float]:
+    """Each step's loss as last logged (a killed step is logged again by the run that resumes it)."""
+    records = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r["loss_bpd"] for r in records if r["kind"] == "train"}
+
+
 def test_kill_9_anywhere_then_resume_gives_bitwise_identical_weights(tmp_path):
-    rng = random.Random(0)
+    """SIGKILL between steps, as a checkpoint's temporary file is created, and after it is written but before
+    it replaces last.pt; each moment is an event of the run (never a delay), each kill is made, and each time
+    last.pt is whole and exactly where the run's progress says it must be."""
     out = tmp_path / "killed"
-    ckpt = out / "checkpoints"
-    kills, during_write = 0, 0
-    moments = ["write", "time", "write", "time", "time"]
-    done = False
-    for moment in moments:
-        proc = start(out, resume=(ckpt / "last.pt").exists())
-        t0, delay = time.monotonic(), rng.uniform(0.5, 4.0)
-        if moment == "write":  # as soon as a checkpoint is being written
-            ready = lambda: any(ckpt.glob(".last.pt.*.tmp")) if ckpt.exists() else False  # noqa: E731
-        else:
-            ready = lambda: time.monotonic() - t0 > delay  # noqa: E731
-        if not kill_when(proc, ready):
-            assert proc.returncode == 0, proc.stderr.read().decode()
-            done = True
-            break
-        kills += 1
-        during_write += moment == "write"
-        if (ckpt / "last.pt").exists():
-            load_checkpoint(ckpt / "last.pt")  # always whole: loads, or the previous one is still there
-    while not done:
-        proc = start(out, resume=(ckpt / "last.pt").exists())
-        proc.wait()
-        assert proc.returncode == 0, proc.stderr.read().decode()
-        done = True
-    assert kills >= 3 and during_write >= 1
-    assert load_checkpoint(ckpt / "last.pt")["step"] == STEPS
-    assert not any(ckpt.glob(".*.tmp"))
+    last = out / "checkpoints" / "last.pt"
+    # (event, n): the n-th occurrence in that process; then the step last.pt must hold, and what the kill leaves
+    plan = [(("log", 3), 2, "nothing"),           # steps 1, 2 saved; step 3 computed, killed before its log line
+            (("write", 2), 3, "empty temp"),      # resumed at 2: step 3 saved; killed creating step 4's file
+            (("rename", 1), 3, "whole temp"),     # step 4's file written and fsynced, killed before the rename
+            (("log", 2), 4, "nothing"),           # step 4 saved; step 5 computed, killed before its log line
+            (("write", 4), 7, "empty temp")]      # steps 5-7 saved; killed creating the last step's file
+    for i, (kill_at, step, leftover) in enumerate(plan):
+        proc = run(out, resume=i > 0, kill_at=kill_at)
+        assert proc.returncode == -signal.SIGKILL, (kill_at, proc.returncode, proc.stderr)  # the kill was made
+        assert load_checkpoint(last)["step"] == step, kill_at  # whole, and the last one completed
+        temps = list(last.parent.glob(".last.pt.*.tmp"))
+        if leftover == "nothing":
+            assert not temps, kill_at
+        else:  # the kill did land inside the write: its temporary file is there, last.pt untouched
+            assert len(temps) == 1 and (temps[0].stat().st_size > 0) == (leftover == "whole temp"), (kill_at, temps)
+    proc = run(out, resume=True)
+    assert proc.returncode == 0, proc.stderr
+    assert load_checkpoint(last)["step"] == STEPS
+    assert not any(last.parent.glob(".*.tmp"))  # the resumed runs removed what the kills left
 
     straight = tmp_path / "straight"
-    proc = start(straight, resume=False)
-    proc.wait()
-    assert proc.returncode == 0
-    a, b = weights(ckpt / "last.pt"), weights(straight / "checkpoints" / "last.pt")
+    proc = run(straight, resume=False)
+    assert proc.returncode == 0, proc.stderr
+    assert last_losses(out) == last_losses(straight) and sorted(last_losses(out)) == list(range(1, STEPS + 1))
+    a, b = weights(last), weights(straight / "checkpoints" / "last.pt")
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_kill_at_rejects_an_unknown_event():
+    proc = subprocess.run([sys.executable, str(KILL_AT), "lunch", "1", "--", "presets"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 1 and "unknown event 'lunch'" in proc.stderr
 
 
 def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
