@@ -155,7 +155,7 @@ def ddp_comparison(steps: int) -> list[dict]:
     for name, launch, threads in (
         ("1 process x 2 threads", [sys.executable, "-m", "mulan"], 2),
         ("2 processes x 1 thread (torchrun, gloo)",
-         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "-m", "mulan"], 1),
+         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mulan"], 1),  # port 0: no fixed port to collide on
     ):
         with tempfile.TemporaryDirectory() as tmp:
             env = {**os.environ, "OMP_NUM_THREADS": str(threads)}

@@ -22,6 +22,16 @@ def tiny(preset: str = "digits-vdm", *extra: str) -> Config:
     return apply_overrides(get_preset(preset), [*TINY, *extra])
 
 
+def perturb(module: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> torch.nn.Module:
+    """Move every parameter off its initialisation (the denoiser's output layer and MuLAN's schedule heads start
+    at zero, so an untrained model ignores its input and z): a network that matters, reproducibly."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return module
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)

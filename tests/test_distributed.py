@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, tiny
+from conftest import TINY, perturb, tiny
 import mulan as mulan_pkg
 from mulan import rng
 from mulan.checkpoint import load_checkpoint
@@ -52,15 +51,26 @@ def test_sharded_draws_are_slices_of_the_whole_batch_draws(count):
         assert torch.equal(rng.antithetic_times(b, g()), whole["times"][part])
 
 
+def zero_output(model) -> None:
+    """The denoiser's last layer back to zero (an untrained network's eps_hat = 0)."""
+    torch.nn.init.zeros_(model.denoiser.conv_out.weight)
+    torch.nn.init.zeros_(model.denoiser.conv_out.bias)
+
+
 @pytest.mark.parametrize("preset", ["digits-vdm", "digits-mulan", "digits-mulan-v"])
 def test_elbo_terms_of_batch_parts_equal_the_whole_batch(preset):
     model = build_model(tiny(preset, "model.latent.noise=gamma" if preset == "digits-mulan" else "train.seed=0"))
-    model.train()
+    perturb(model).train()  # the network, its schedule heads and z all matter
     x = torch.randint(0, 17, (12, 1, 8, 8))
-    whole = model.elbo_terms(x, generator=torch.Generator().manual_seed(3)).total
-    parts = [model.elbo_terms(x[i * 4:(i + 1) * 4], generator=ShardedGenerator(torch.Generator().manual_seed(3), i, 3)).total
+    whole = model.elbo_terms(x, generator=torch.Generator().manual_seed(3))
+    parts = [model.elbo_terms(x[i * 4:(i + 1) * 4], generator=ShardedGenerator(torch.Generator().manual_seed(3), i, 3))
              for i in range(3)]
-    torch.testing.assert_close(torch.cat(parts), whole, rtol=1e-5, atol=1e-5)
+    for k in ("recon", "prior", "diffusion", "latent"):
+        torch.testing.assert_close(torch.cat([getattr(p, k) for p in parts]), getattr(whole, k), rtol=1e-5, atol=1e-5)
+    # what agreed depends on the draws and on the network's output
+    assert not torch.allclose(model.elbo_terms(x, generator=torch.Generator().manual_seed(4)).diffusion, whole.diffusion)
+    zero_output(model)
+    assert not torch.allclose(model.elbo_terms(x, generator=torch.Generator().manual_seed(3)).diffusion, whole.diffusion)
 
 
 @pytest.mark.parametrize("n,batch,size", [(10, 3, 2), (7, 4, 3), (1, 5, 2), (12, 2, 3)])
@@ -123,30 +133,32 @@ def test_bf16_training_on_cpu_runs_and_stays_finite(tmp_path):
     assert all(torch.isfinite(torch.tensor(losses(tmp_path))))
 
 
-def test_channels_last_gives_the_same_elbo():
-    model = build_model(tiny("digits-vdm")).eval()
+@pytest.mark.parametrize("preset", ["digits-vdm", "digits-mulan"])
+def test_channels_last_gives_the_same_elbo(preset):
+    model = perturb(build_model(tiny(preset))).eval()  # non-zero convolutions all the way to the output
     x = torch.randint(0, 17, (4, 1, 8, 8))
-    ref = model.elbo_terms(x, generator=torch.Generator().manual_seed(0)).total
+    ref = model.elbo_terms(x, generator=torch.Generator().manual_seed(0)).diffusion
     model.set_runtime(channels_last=True)
-    torch.testing.assert_close(model.elbo_terms(x, generator=torch.Generator().manual_seed(0)).total, ref,
+    assert model.denoiser.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(model.elbo_terms(x, generator=torch.Generator().manual_seed(0)).diffusion, ref,
                                rtol=1e-5, atol=1e-4)
+    # the network's output matters to the term compared: zeroing it moves the term well beyond the tolerance
+    zero_output(model)
+    assert (model.elbo_terms(x, generator=torch.Generator().manual_seed(0)).diffusion - ref).abs().min() > 1e-2
 
 
 # --- torchrun -----------------------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def mulan(*args: str, ranks: int = 0, timeout: float = 240) -> subprocess.CompletedProcess:
-    """`python -m mulan ARGS`, or under torchrun with ``ranks`` CPU processes (gloo)."""
+    """`python -m mulan ARGS`, or under torchrun with ``ranks`` CPU processes (gloo).
+
+    ``--standalone``: torchrun's rendezvous store binds port 0 and keeps its socket, so parallel tests never
+    race for a port (a port found free and released first can be taken before torchrun binds it)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "mulan"]
     if ranks:
-        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-                  "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "mulan"]
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
+                  "-m", "mulan"]
     return subprocess.run([*launch, *args], capture_output=True, text=True, env=env, timeout=timeout)
 
 
@@ -198,14 +210,17 @@ def test_batch_not_divisible_across_ranks_is_a_one_line_error(tmp_path):
     assert not (tmp_path / "r").exists()  # checked before anything is written
 
 
-def _check_same_worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE="2")
+def _check_same_worker(rank: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
     torch.set_num_threads(1)
+    import torch.distributed as dist
+
     from mulan import distributed
     from mulan.errors import MulanError
 
-    world, _ = distributed.setup("cpu")
+    # a file rendezvous: no port to find free (and lose to a parallel test) before binding it
+    dist.init_process_group("gloo", init_method=Path(out, "store").as_uri(), rank=rank, world_size=2)
+    world, _ = distributed.setup("cpu")  # joins the group already made
     torch.manual_seed(0)
     net = torch.nn.Linear(3, 2)
     world.check_same(net, "weights")  # identical: passes
@@ -223,6 +238,6 @@ def _check_same_worker(rank: int, port: int, out: str) -> None:
 
 @pytest.mark.slow
 def test_ranks_that_diverge_are_caught(tmp_path):
-    torch.multiprocessing.spawn(_check_same_worker, args=(free_port(), str(tmp_path)), nprocs=2)
+    torch.multiprocessing.spawn(_check_same_worker, args=(str(tmp_path),), nprocs=2)
     for rank in (0, 1):  # every rank stops, not only the one that drifted
         assert (tmp_path / f"{rank}.txt").read_text() == "the weights differ between ranks: the ranks have diverged"
