@@ -154,8 +154,9 @@ def ddp_comparison(steps: int) -> list[dict]:
               "train.device=cpu", "model.denoiser.dropout=0.0"]
     for name, launch, threads in (
         ("1 process x 2 threads", [sys.executable, "-m", "mulan"], 2),
+        # --standalone: the rendezvous binds port 0, no fixed port for another job to hold
         ("2 processes x 1 thread (torchrun, gloo)",
-         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mulan"], 1),  # port 0: no fixed port to collide on
+         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mulan"], 1),
     ):
         with tempfile.TemporaryDirectory() as tmp:
             env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
