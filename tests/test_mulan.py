@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from conftest import tiny
+from conftest import perturb, tiny
 from mulan.diffusion import Diffusion
 from mulan.schedules.base import GammaOut, Schedule, as_col
 from mulan.train import build_model
@@ -134,9 +134,17 @@ def test_scalar_ablation_is_pixel_mean_of_the_polynomial():
 def test_conditional_sampling_uses_the_given_z():
     from mulan.sampling import ancestral_sample
 
-    m = build_model(tiny("digits-mulan")).eval()
-    z = m.latent.sample_prior(3, generator=torch.Generator().manual_seed(0))
-    a = ancestral_sample(m, 3, steps=5, z=z, generator=torch.Generator().manual_seed(0))
-    b = ancestral_sample(m, 3, steps=5, z=z, generator=torch.Generator().manual_seed(0))
-    assert a.shape == (3, 1, 8, 8) and a.dtype == torch.long and torch.equal(a, b)
+    m = perturb(build_model(tiny("digits-mulan")), 0.1).eval()  # z reaches the schedule and the denoiser
+    z1 = m.latent.sample_prior(3, generator=torch.Generator().manual_seed(0))
+    z2 = m.latent.sample_prior(3, generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(z1, z2)
+
+    def sample(z):
+        return ancestral_sample(m, 3, steps=5, z=z, generator=torch.Generator().manual_seed(0))
+
+    a = sample(z1)
+    assert a.shape == (3, 1, 8, 8) and a.dtype == torch.long and torch.equal(a, sample(z1))
     assert a.min() >= 0 and a.max() < 17
+    # the same noise with another z gives other images: the sampler follows the z it is given (a sampler
+    # that drew its own z, or ignored it, would return the same images for both)
+    assert not torch.equal(a, sample(z2))
