@@ -111,11 +111,28 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def setup(device: str = "auto", timeout_s: float = 1800.0) -> tuple[World, torch.device]:
+def _import_torch_distributed_nn() -> None:
+    """Import ``torch.distributed.nn`` while no process group exists (call before creating one).
+
+    Its functions take ``group=group.WORLD`` as default arguments, which Python evaluates when the module is
+    imported. Imported after the group exists (DistributedDataParallel's constructor does, through
+    ``torch._dynamo``), they hold ten references to the default group that ``destroy_process_group`` cannot
+    drop: gloo's worker threads then outlive :func:`teardown` into interpreter shutdown, and a worker that
+    releases its last collective's tensors there needs the GIL, gets ``pthread_exit`` inside a C++ destructor
+    and aborts the rank ("terminate called without an active exception", SIGABRT).
+    """
+    try:
+        import torch.distributed.nn  # noqa: F401
+    except ImportError:  # a build without it: then nothing holds the group either
+        pass
+
+
+def setup(device: str = "auto", timeout_s: float = 1800.0, init_method: str | None = None) -> tuple[World, torch.device]:
     """Join the process group torchrun describes (if any); returns this rank's world and device.
 
     ``device`` is train.device: 'auto' (CUDA when available), 'cpu', or 'cuda' (each rank then takes
-    cuda:LOCAL_RANK). One process: the device named, no process group.
+    cuda:LOCAL_RANK). One process: the device named, no process group. ``init_method`` (e.g. a ``file://``
+    rendezvous) replaces torchrun's MASTER_ADDR/MASTER_PORT; RANK and WORLD_SIZE are still read.
     """
     global _WORLD
     base = resolve_device(device)
@@ -129,14 +146,20 @@ def setup(device: str = "auto", timeout_s: float = 1800.0) -> tuple[World, torch
         base = torch.device("cuda", local)
         torch.cuda.set_device(base)
     if not dist.is_initialized():
+        _import_torch_distributed_nn()
+        kwargs = {"device_id": base} if base.type == "cuda" else {}
+        if init_method is not None:
+            kwargs.update(init_method=init_method, rank=rank, world_size=size)
         dist.init_process_group("nccl" if base.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s),
-                                **({"device_id": base} if base.type == "cuda" else {}))
+                                **kwargs)
     _WORLD = World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=local,
                    device=base if base.type == "cuda" else torch.device("cpu"))
     return _WORLD, base
 
 
 def teardown() -> None:
+    """Leave the process group. The group is destroyed here, its threads joined, while the interpreter is
+    whole (see :func:`_import_torch_distributed_nn`); nothing of it may live on into interpreter shutdown."""
     global _WORLD
     if dist.is_initialized():
         dist.destroy_process_group()

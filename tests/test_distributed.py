@@ -213,14 +213,11 @@ def test_batch_not_divisible_across_ranks_is_a_one_line_error(tmp_path):
 def _check_same_worker(rank: int, out: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
     torch.set_num_threads(1)
-    import torch.distributed as dist
-
     from mulan import distributed
     from mulan.errors import MulanError
 
     # a file rendezvous: no port to find free (and lose to a parallel test) before binding it
-    dist.init_process_group("gloo", init_method=Path(out, "store").as_uri(), rank=rank, world_size=2)
-    world, _ = distributed.setup("cpu")  # joins the group already made
+    world, _ = distributed.setup("cpu", init_method=Path(out, "store").as_uri())
     torch.manual_seed(0)
     net = torch.nn.Linear(3, 2)
     world.check_same(net, "weights")  # identical: passes
@@ -241,3 +238,41 @@ def test_ranks_that_diverge_are_caught(tmp_path):
     torch.multiprocessing.spawn(_check_same_worker, args=(str(tmp_path),), nprocs=2)
     for rank in (0, 1):  # every rank stops, not only the one that drifted
         assert (tmp_path / f"{rank}.txt").read_text() == "the weights differ between ranks: the ranks have diverged"
+
+
+def gloo_threads() -> int:
+    """Threads of this process that gloo started (its TCP loop and the process group's workers)."""
+    names = []
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            names.append((task / "comm").read_text().strip())
+        except OSError:  # the thread ended meanwhile
+            pass
+    return sum(n.startswith(("gloo", "pt_gloo")) for n in names)
+
+
+def _teardown_worker(rank: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    from mulan import distributed
+    from mulan.train import train
+
+    distributed.setup("cpu", init_method=Path(out, "store").as_uri())
+    train(tiny("digits-vdm", "train.steps=2", "train.device=cpu"), Path(out, f"run{rank}"))  # with DDP
+    alive = gloo_threads()
+    distributed.teardown()
+    Path(out, f"{rank}.txt").write_text(f"{alive} {gloo_threads()}")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through Linux's /proc")
+def test_teardown_after_ddp_leaves_no_gloo_thread(tmp_path):
+    """A job's process group must end in teardown, not live on into interpreter shutdown: there a gloo worker
+    releasing its last collective's tensors needs the GIL and aborts the rank (SIGABRT). DDP's constructor
+    imports torch.distributed.nn, whose default arguments would hold the group if it came after the group."""
+    torch.multiprocessing.spawn(_teardown_worker, args=(str(tmp_path),), nprocs=2)
+    for rank in (0, 1):
+        alive, after = map(int, (tmp_path / f"{rank}.txt").read_text().split())
+        if alive == 0:
+            pytest.skip("this torch does not name gloo's threads")
+        assert after == 0, f"rank {rank}: {after} of gloo's {alive} threads outlived teardown"
