@@ -19,15 +19,24 @@ def _rows(path):
         return list(csv.DictReader(f))
 
 
-def test_ci_shrinks_with_more_images_and_matches_the_t_interval():
+def test_ci_is_the_t_interval_of_the_per_image_rows_and_shrinks_with_more_images(tmp_path):
+    from scipy import stats
+
     cfg = tiny("digits-vdm", "data.limit=0")
     model = build_model(cfg).eval()
     _, test = load_splits(cfg.data)
-    small = evaluate_elbo(model, test, time_points=2, batch_size=128, limit=16)
-    large = evaluate_elbo(model, test, time_points=2, batch_size=128, limit=256)
-    assert small.subset and large.subset and small.images == 16 and large.images == 256
-    assert large.ci95 < small.ci95
-    assert small.dataset["count"] == 16 and small.dataset["subset_of"]["count"] == len(test)
+    summaries = {}
+    for n in (16, 256):
+        s = summaries[n] = evaluate_elbo(model, test, time_points=2, batch_size=128, limit=n, out_dir=tmp_path / str(n))
+        bpd = [float(r["bpd"]) for r in _rows(tmp_path / str(n) / "eval-elbo-test.csv")]
+        assert s.subset and s.images == len(bpd) == n
+        # the 95% interval of the mean of the rows, by scipy's one-sample t test (not the code under test)
+        low, high = stats.ttest_1samp(bpd, 0.0).confidence_interval(0.95)
+        assert abs(s.bpd - (low + high) / 2) < 1e-5 and abs(s.ci95 - (high - low) / 2) < 1e-5, (s.bpd, s.ci95, low, high)
+    sem = torch.tensor([float(r["bpd"]) for r in _rows(tmp_path / "16" / "eval-elbo-test.csv")]).std() / 4
+    assert abs(summaries[16].ci95 / float(sem) - 2.1314) < 1e-3  # t_{0.975, 15} from a printed table
+    assert summaries[256].ci95 < summaries[16].ci95
+    assert summaries[16].dataset["count"] == 16 and summaries[16].dataset["subset_of"]["count"] == len(test)
 
 
 def test_ode_report_rows_average_to_the_summary(tmp_path):
