@@ -72,14 +72,33 @@ def test_nonfinite_loss_skips_steps_then_stops(tmp_path, monkeypatch):
         return terms
 
     monkeypatch.setattr(diffusion.Diffusion, "elbo_terms", poisoned)
-    cfg = tiny("digits-vdm", "train.steps=10", "train.max_nonfinite=3", "train.checkpoint_every=1")
+    cfg = tiny("digits-vdm", "train.steps=10", "train.max_nonfinite=3", "train.checkpoint_every=1",
+               "train.keep_checkpoints=10", "train.weight_decay=0.1")
     with pytest.raises(MulanError, match=r"step 4: 3 consecutive non-finite.*last.pt"):
         train(cfg, tmp_path)
-    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
-    assert state["step"] == 3  # skipped steps leave the weights as they were: finite
-    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.dtype.is_floating_point)
+    # step 1 was good; steps 2 and 3 were skipped: what they saved is bitwise what step 1 saved. AdamW's
+    # momentum and weight decay would have moved the weights even with zeroed gradients.
+    good = load_checkpoint(tmp_path / "checkpoints" / "step-00000001.pt")
+    for step in (2, 3):
+        skipped = load_checkpoint(tmp_path / "checkpoints" / f"step-{step:08d}.pt")
+        for part in ("model", "ema"):
+            assert good[part].keys() == skipped[part].keys()
+            for k, v in good[part].items():
+                assert torch.equal(skipped[part][k], v), (step, part, k)
+        assert_same_optimizer_state(skipped["optimizer"], good["optimizer"])
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 3
     nonfinite = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if r.get("nonfinite")]
     assert len(nonfinite) == 3
+
+
+def assert_same_optimizer_state(a: dict, b: dict) -> None:
+    """Every tensor and number of two optimizer state dicts equal, bitwise."""
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys() and a["state"]
+    for i, state in a["state"].items():
+        assert state.keys() == b["state"][i].keys()
+        for k, v in state.items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(b["state"][i][k])), (i, k)
 
 
 def test_batches_cover_each_epoch_once_and_depend_only_on_seed_and_step():
