@@ -6,6 +6,7 @@ import dataclasses
 import os
 import typing
 
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from mulan.config import Config, apply_overrides, from_dict, to_dict
@@ -63,6 +64,46 @@ def test_from_dict_with_any_value_gives_a_config_or_a_config_error(key, value):
         node = node[part]
     node[leaf] = value
     try:
+        cfg = from_dict(Config, data)
+    except ConfigError as e:
+        assert "\n" not in str(e) and str(e)
+        return
+    # accepted: the field holds the value (converted only as its type says) and nothing else changed
+    tp = field_type(key)
+    stored = cfg
+    for part in key.split("."):
+        stored = getattr(stored, part)
+    if typing.get_origin(tp) is typing.Literal:
+        assert stored in typing.get_args(tp) and stored == value
+    elif typing.get_origin(tp) is tuple:
+        assert isinstance(stored, tuple) and list(stored) == list(value) and all(type(v) is int for v in stored)
+    else:
+        assert type(stored) is tp and (stored == value or stored != stored and value != value)  # NaN is NaN
+    before, after = to_dict(BASE), to_dict(cfg)
+    assert [k for k in KEYS if lookup(before, k) != lookup(after, k)] in ([], [key])
+    assert from_dict(Config, to_dict(cfg)) == cfg
+
+
+def field_type(key: str):
+    cls = Config
+    *path, leaf = key.split(".")
+    for part in path:
+        cls = typing.get_type_hints(cls)[part]
+    return typing.get_type_hints(cls)[leaf]
+
+
+def lookup(data: dict, key: str):
+    for part in key.split("."):
+        data = data[part]
+    return data
+
+
+def test_from_dict_keeps_what_it_accepts():
+    """The fuzzer's success path, with values known to be accepted or refused."""
+    data = to_dict(BASE)
+    data["train"]["lr"], data["data"]["shape"] = 3, [1, 4, 4]  # an int for a float field; a list for a tuple
+    cfg = from_dict(Config, data)
+    assert cfg.train.lr == 3.0 and type(cfg.train.lr) is float and cfg.data.shape == (1, 4, 4)
+    data["train"]["steps"] = 2.5
+    with pytest.raises(ConfigError, match="train.steps|steps"):
         from_dict(Config, data)
-    except ConfigError:
-        pass
