@@ -96,11 +96,11 @@ def test_existing_run_is_never_overwritten(trained_run, capsys):
     (["train.nope=1"], ["unknown config key", "train.nope"]),
     (["train.steps=many"], ["train.steps", "integer"]),
     (["model.schedule.kind=cubic"], ["model.schedule.kind", "cubic"]),
-    (["model.latent.k=20"], ["k"]),
-    (["model.schedule.gamma_min=6"], ["gamma_min"]),
-    (["justtext"], ["key=value"]),
-    (["data.num_values=8"], ["value"]),  # digits has values up to 16
-    (["data.shape=1,9,9"], ["shape"]),
+    (["model.latent.k=20"], ["model.latent.k", "1 <= k < m", "k=20", "m=8"]),
+    (["model.schedule.gamma_min=6"], ["model.schedule.gamma_min (6.0)", "below gamma_max (5.0)"]),
+    (["justtext"], ["'justtext'", "key=value"]),
+    (["data.num_values=8"], ["value 16", "data.num_values=8", "0..7"]),  # digits has values up to 16
+    (["data.shape=1,9,9"], ["shape (1, 8, 8)", "data.shape=(1, 9, 9)"]),
     (["data.name=idx", "data.path=/nonexistent/file.idx"], ["/nonexistent/file.idx"]),
 ])
 def test_bad_settings_are_one_line_errors(args, words, tmp_path, capsys):
