@@ -242,6 +242,17 @@ def test_reference_solver_agrees(per_pixel, divergence):
     assert len(ref.nfe) == 3 and min(ref.nfe) > 0
 
 
+def test_reference_solver_matches_the_closed_form(per_pixel):
+    """The reference on its own (no code of ode.py) against the Gaussian model's closed-form density."""
+    bound, mu, cov = per_pixel
+    x0 = sample_x0(mu, cov, bound, 2, torch.Generator().manual_seed(15))
+    expected, x1 = gaussian_model_logp(x0, mu, cov, bound)
+    ref = reference_log_likelihood(x0, gaussian_eps_fn(mu, cov, bound), bound, divergence="exact", dtype=F64,
+                                   rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(ref.logp, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ref.x1, x1, atol=1e-5, rtol=0)
+
+
 def test_per_image_error_norm_makes_batch_mates_irrelevant(per_pixel):
     """With the per-image norm, a hard image solved among easy ones takes exactly the steps it takes alone
     (the easy ones, at the mean trajectory, have ~zero error); the whole-batch RMS norm would dilute its error
