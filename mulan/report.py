@@ -56,35 +56,41 @@ class EvalSummary:
               f"{self.extra['images_per_s']:.2f} images/s"] if "mean_nfe" in self.extra else [])
 
 
-def evaluate_elbo(model: Diffusion, data: ImageDataset, *, time_points: int, batch_size: int, seed: int = 0,
-                  limit: int = 0, out_dir: Path | None = None, callback=None) -> EvalSummary:
-    """Negative ELBO of (the first ``limit`` images of, or all of) ``data``; writes per-image CSV + summary."""
+def measure_elbo(model: Diffusion, data: ImageDataset, *, time_points: int, batch_size: int, seed: int = 0,
+                 limit: int = 0, callback=None) -> tuple[EvalSummary, dict[str, torch.Tensor]]:
+    """Negative ELBO of (the first ``limit`` images of, or all of) ``data``: the summary and the per-image
+    columns in bits/dim ('bpd' and each term), with per-image draws seeded by (``seed``, image index)."""
     from mulan.likelihood.stats import mean_ci
 
     model.eval()
     images = data.images[:limit] if 0 < limit < len(data) else data.images
-    device = model.device
     t0 = time.perf_counter()
-    res = elbo_per_image(model, images, time_points=time_points, batch_size=batch_size,
-                         generator=torch.Generator(device).manual_seed(seed), callback=callback)
+    res = elbo_per_image(model, images, time_points=time_points, batch_size=batch_size, seed=seed,
+                         callback=callback)
     wall = time.perf_counter() - t0
-    bpd = res.bpd(model.n)
-    mean, half = mean_ci(bpd)
-    terms = {k: float(bits_per_dim(v, model.n).mean()) for k, v in
-             {"recon": res.recon, "prior": res.prior, "diffusion": res.diffusion, "latent": res.latent}.items()}
+    columns = {"bpd": res.bpd(model.n), **{k: bits_per_dim(v, model.n) for k, v in
+                                           {"recon": res.recon, "prior": res.prior, "diffusion": res.diffusion,
+                                            "latent": res.latent}.items()}}
+    mean, half = mean_ci(columns["bpd"])
+    terms = {k: float(v.mean()) for k, v in columns.items() if k != "bpd"}
     summary = EvalSummary(
         estimator="elbo", settings={"time_points": time_points, "time_sampling": "stratified",
                                      "diffusion_loss": "discrete" if model.cfg.timesteps else "continuous",
-                                     "timesteps": model.cfg.timesteps, "seed": seed, "batch_size": batch_size,
-                                     **_ranks()},
+                                     "timesteps": model.cfg.timesteps, "seed": seed,
+                                     "draws": "per image (seed, index)"},
         split=data.split, images=int(images.shape[0]), subset=int(images.shape[0]) < len(data),
         dataset=_fingerprint(data, images), bpd=float(mean), ci95=float(half), terms_bpd=terms,
         latent_kl=res.latent_kl, latent_bpd=terms["latent"], wall_s=wall)
+    return summary, columns
+
+
+def evaluate_elbo(model: Diffusion, data: ImageDataset, *, time_points: int, batch_size: int, seed: int = 0,
+                  limit: int = 0, out_dir: Path | None = None, callback=None) -> EvalSummary:
+    """:func:`measure_elbo`, writing the per-image CSV and the summary JSON to ``out_dir`` (rank 0)."""
+    summary, columns = measure_elbo(model, data, time_points=time_points, batch_size=batch_size, seed=seed,
+                                    limit=limit, callback=callback)
     if out_dir is not None and distributed.world().main:
-        write_per_image(out_dir / f"eval-elbo-{data.split}.csv",
-                        {"bpd": bpd, **{k: bits_per_dim(v, model.n) for k, v in
-                                        {"recon": res.recon, "prior": res.prior, "diffusion": res.diffusion,
-                                         "latent": res.latent}.items()}})
+        write_per_image(out_dir / f"eval-elbo-{data.split}.csv", columns)
         write_summary(out_dir / f"eval-elbo-{data.split}.json", summary)
     return summary
 
