@@ -49,6 +49,9 @@ class ScheduleConfig:
     ] = "learned_linear"
     gamma_min: float = -13.3  # gamma at t=0 (initial value for learned end points)
     gamma_max: float = 5.0  # gamma at t=1 (initial value for learned end points)
+    # per-pixel schedules: 'none' keeps gamma(0), gamma(1) fixed (the paper); 'scalar' learns both as learned VDM
+    # does (gamma(0) = b, gamma(1) = b + |w|); 'pixel' learns one pair per pixel
+    learn_ends: Literal["none", "scalar", "pixel"] = "none"
     pixel_mean: bool = False  # average a per-pixel schedule over pixels (the "scalar" ablation)
     adaptive: bool = True  # feed z to the schedule network; False feeds a constant (the "non-adaptive" ablation)
     decoder: Literal["dense", "conv", "lowrank"] = "conv"  # network mapping z to per-pixel coefficients
@@ -81,6 +84,9 @@ class DenoiserConfig:
     fourier_min: int = 6  # Fourier-feature input channels sin/cos(2^n * 2 pi * x), n in [min, max]
     fourier_max: int = 7  # set fourier_max < fourier_min to disable
     embedding_dim: int = 0  # conditioning width (0: 4 * channels)
+    # what the network is told of the noise: 'mean' the pixel-mean of gamma (the paper, as VDM); 'map' also the
+    # per-pixel gamma map, rescaled like the mean, as extra input channels
+    gamma_input: Literal["mean", "map"] = "mean"
 
 
 @dataclass
