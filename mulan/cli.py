@@ -256,9 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="data.*/train.device overrides")
     f.set_defaults(func=cmd_plot_schedule)
 
-    from mulan import export
+    from mulan import compare, export
 
     export.register(sub)
+    compare.register(sub)
 
     ps = sub.add_parser("presets", help="list the named configurations")
     ps.set_defaults(func=cmd_presets)
