@@ -71,7 +71,8 @@ def main() -> None:
             sys.exit(f"{out} already holds a run: remove it or pass another --out")
         result = train(cfg, out)
         ev = evaluate_elbo(result.model, result.test_set, time_points=args.time_points, batch_size=cfg.eval.batch_size,
-                           seed=cfg.train.seed, out_dir=out)
+                           seed=cfg.train.seed, out_dir=out, checkpoint=str(out / "checkpoints" / "last.pt"),
+                           step=result.step, weights="ema")
         m = result.model
         rows.append({
             "preset": name, "bpd": ev.bpd, "ci95": ev.ci95, "latent_bpd": ev.latent_bpd, "latent_kl": ev.latent_kl,
