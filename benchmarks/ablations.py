@@ -75,9 +75,10 @@ def main() -> None:
         result = train(cfg, out)
         # one eval seed for every preset: common per-image draws, so the differences below are paired
         ev, columns = measure_elbo(result.model, result.test_set, time_points=args.time_points,
-                                   batch_size=cfg.eval.batch_size, seed=0)
-        write_per_image(out / "eval-elbo-test.csv", columns)
-        write_summary(out / "eval-elbo-test.json", ev)
+                                   batch_size=cfg.eval.batch_size, seed=0,
+                                   checkpoint=str(out / "checkpoints" / "last.pt"), step=result.step, weights="ema")
+        write_per_image(out / f"{ev.stem}.csv", columns)
+        write_summary(out / f"{ev.stem}.json", ev)
         per_image[name] = PerImage(bpd=columns["bpd"].double(), terms={}, summary={}, source=str(out))
         m = result.model
         rows.append({

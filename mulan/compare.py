@@ -133,52 +133,58 @@ def check_pairable(a: PerImage, b: PerImage) -> None:
 
 def _evaluate(path: str, args) -> PerImage:
     """Evaluate a checkpoint's ELBO on the chosen images, per image, with the shared seed."""
+    import argparse
+
+    from mulan import progress
     from mulan.cli import _load_model
     from mulan.data import load_splits
     from mulan.report import measure_elbo
 
-    model, cfg, state = _load_model(path, args.overrides)
-    train_set, test_set = load_splits(cfg.data)
+    run = _load_model(argparse.Namespace(checkpoint=path, overrides=args.overrides, raw=args.raw),
+                      (("--time-points", "eval.time_points", args.time_points),
+                       ("--timesteps", "model.timesteps", args.timesteps)))
+    train_set, test_set = load_splits(run.config.data)
     data = test_set if args.split == "test" else train_set
-    if args.timesteps >= 0:
-        model.cfg.timesteps = args.timesteps
-    summary, columns = measure_elbo(model, data, time_points=args.time_points or cfg.eval.time_points,
-                                    batch_size=cfg.eval.batch_size, seed=args.seed, limit=args.limit)
-    summary.checkpoint, summary.step = str(path), int(state.get("step", 0))
+    total = min(args.limit or len(data), len(data))
+    with progress.bar(f"ELBO of {Path(path).name}", "images", progress.wanted(args.no_progress), total=total) as cb:
+        summary, columns = measure_elbo(run.model, data, time_points=run.config.eval.time_points,
+                                        batch_size=run.config.eval.batch_size, seed=args.seed, limit=args.limit or 0,
+                                        callback=cb, checkpoint=str(run.path), step=run.step, weights=run.weights)
     columns = {k: v.double() for k, v in columns.items()}
-    return PerImage(bpd=columns.pop("bpd"), terms=columns, summary=asdict(summary), source=str(path))
+    return PerImage(bpd=columns.pop("bpd"), terms=columns, summary=asdict(summary), source=str(run.path))
 
 
-def _load(path: str, args) -> PerImage:
-    return read_per_image(path) if path.endswith(".csv") else _evaluate(path, args)
+def _is_file_result(path: str) -> bool:
+    return path.endswith(".csv")
 
 
 def cmd_compare(args) -> None:
-    if args.limit < 0:
-        raise ConfigError(f"--limit must be >= 0 (0: the whole split), got {args.limit}")
-    if args.time_points < 0:
-        raise ConfigError(f"--time-points must be >= 1, got {args.time_points}")
-    if args.a.endswith(".csv") != args.b.endswith(".csv"):
+    from mulan.checkpoint import atomic_write, refuse_existing
+
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit {args.limit}: must be >= 1 (the number of images; without --limit: the whole split)")
+    if _is_file_result(args.a) != _is_file_result(args.b):
         raise ConfigError("compare two checkpoints, or two per-image CSV files of `mulan eval`, not one of each")
-    a, b = _load(args.a, args), _load(args.b, args)
+    if _is_file_result(args.a) and (args.limit or args.time_points or args.timesteps is not None or args.overrides):
+        raise ConfigError("--limit, --time-points, --timesteps and overrides evaluate checkpoints; result files "
+                          "hold what `mulan eval` measured")
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        refuse_existing([out], args.overwrite)  # before any work
+    a, b = (read_per_image(p) if _is_file_result(p) else _evaluate(p, args) for p in (args.a, args.b))
     check_pairable(a, b)
     diff = paired_difference(a, b)
-    ds = a.summary["dataset"]
-    sa = a.summary
+    ds, sa = a.summary["dataset"], a.summary
     whole = "subset of" if sa.get("subset") else "whole"
     print("\n".join(diff.lines()))
     print(f"  data      : {ds.get('name')} {diff.images} images ({whole} {sa.get('split')} split), "
           f"sha256 {str(ds.get('sha256'))[:16]}…")
     print(f"  estimator : {sa.get('estimator')} {json.dumps(sa.get('settings', {}), sort_keys=True)}")
     print(f"  latent KL : {sa.get('latent_kl')} (A), {b.summary.get('latent_kl')} (B)")
-    print(f"  A         : {a.source}" + (f" (step {sa.get('step')})" if sa.get("step") else ""))
-    print(f"  B         : {b.source}" + (f" (step {b.summary.get('step')})" if b.summary.get("step") else ""))
-    if args.out:
-        from mulan.checkpoint import atomic_write
-
-        out = Path(args.out)
-        if out.exists() and not args.overwrite:
-            raise ConfigError(f"{out} exists; choose another --out or pass --overwrite")
+    for name, r in (("A", a), ("B", b)):
+        w = r.summary.get("weights")
+        print(f"  {name}         : {r.source}" + (f" ({w} weights, step {r.summary.get('step')})" if w else ""))
+    if out is not None:
         record = {"a": a.source, "b": b.source, **asdict(diff), "dataset": ds, "estimator": sa.get("estimator"),
                   "settings": sa.get("settings")}
         atomic_write(out, lambda f: f.write(json.dumps(record, indent=2, default=_finite).encode()))
@@ -189,20 +195,23 @@ def _finite(v):
     return None if isinstance(v, float) and not math.isfinite(v) else str(v)
 
 
-def register(sub) -> None:
-    """Add the ``compare`` subcommand to the CLI's subparsers."""
+def register(sub, load_options) -> None:
+    """Add the ``compare`` subcommand to the CLI's subparsers (``load_options``: the CLI's shared options of
+    commands that read a trained model)."""
     p = sub.add_parser("compare", help="paired difference of two models' bounds on the same images (A - B)",
-                       description="A - B in bits/dim with a paired 95%% CI. A and B: two checkpoints (evaluated "
-                                   "here with common random numbers: the same per-image times and noise) or two "
-                                   "per-image CSV files of `mulan eval` made with the same --seed.")
-    p.add_argument("a", metavar="A", help="checkpoint, or a per-image CSV of `mulan eval`")
+                       description="A - B in bits/dim with a paired 95%% CI, per term too. A and B: two checkpoints "
+                                   "or run folders (evaluated here with common random numbers: the same per-image "
+                                   "times and noise) or two per-image CSV files of `mulan eval` made with the same "
+                                   "--seed (their .json summaries beside them).")
+    p.add_argument("a", metavar="A", help="checkpoint, run folder or exported .safetensors; or a per-image CSV")
     p.add_argument("b", metavar="B", help="the same kind as A")
     p.add_argument("--split", choices=["test", "train"], default="test")
-    p.add_argument("--limit", type=int, default=0, help="only the first N images (0: the whole split)")
-    p.add_argument("--time-points", type=int, default=0, help="ELBO time points per image (default eval.time_points)")
-    p.add_argument("--timesteps", type=int, default=-1, help="the discrete-time bound with T steps (0: continuous)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N >= 1 images (default: the whole split)")
+    p.add_argument("--time-points", type=int, default=None, help="ELBO: stratified times per image (sets "
+                                                                  "eval.time_points)")
+    p.add_argument("--timesteps", type=int, default=None, help="the discrete-time bound with T steps, 0 for "
+                                                                "continuous time (sets model.timesteps)")
     p.add_argument("--seed", type=int, default=0, help="seed of the per-image draws, shared by A and B")
-    p.add_argument("--out", help="also write the comparison as JSON here")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="data.*/eval.* overrides for both checkpoints")
+    p.add_argument("--out", help="also write the comparison as JSON to this file")
+    load_options(p, "an --out file")
     p.set_defaults(func=cmd_compare)

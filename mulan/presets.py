@@ -118,3 +118,34 @@ def latent_cost_bpd(cfg: Config) -> float:
         return 0.0
     log_comb = math.lgamma(lat.m + 1) - math.lgamma(lat.k + 1) - math.lgamma(lat.m - lat.k + 1)
     return log_comb / (cfg.data.n * math.log(2.0))
+
+
+_SCHEDULES = {
+    "fixed_linear": "VDM fixed linear gamma(t)",
+    "learned_linear": "VDM learned linear gamma(t)",
+    "monotone_net": "VDM learned monotone-network gamma(t)",
+    "polynomial": "per-pixel polynomial",
+    "pixel_monotone_net": "per-pixel monotone network",
+    "pixel_sigmoid": "per-pixel sigmoid",
+}
+
+
+def describe(cfg: Config) -> str:
+    """One line saying what a configuration is: data, schedule, latent, prediction, network and training size."""
+    m, d = cfg.model, cfg.data
+    s, lat, den = m.schedule, m.latent, m.denoiser
+    schedule = _SCHEDULES.get(s.kind, s.kind)
+    if s.kind in ("polynomial", "pixel_monotone_net", "pixel_sigmoid"):
+        adaptive = lat.kind != "none" and s.adaptive
+        schedule += " gamma(z, t)" if adaptive else " gamma(t)"
+        if s.pixel_mean:
+            schedule = f"pixel-mean of a {schedule} (one gamma per image)"
+        if lat.kind != "none" and not s.adaptive:
+            schedule += " (not fed z)"
+        schedule += {"none": ", fixed ends", "scalar": ", learned ends", "pixel": ", learned per-pixel ends"}[s.learn_ends]
+    latent = "no latent" if lat.kind == "none" else (
+        f"k-hot z (m={lat.m}, k={lat.k})" if lat.kind == "khot" else f"Gaussian z (m={lat.m})")
+    shape = "x".join(map(str, d.shape))
+    return (f"{d.name} {shape} V={d.num_values}; {schedule}; {latent}; {m.prediction}-prediction; "
+            f"U-Net {den.channels} ch x {den.num_blocks} blocks{' fed the gamma map' if den.gamma_input == 'map' else ''}; "
+            f"{cfg.train.steps} steps of batch {cfg.train.batch_size}")

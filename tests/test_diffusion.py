@@ -175,7 +175,10 @@ def test_negative_elbo_of_plain_callables_equals_the_models_terms():
         cond = model.condition(x)
         got = negative_elbo(model.encode(x), cond.eps_fn, cond.bound, t, x=x, num_values=17,
                             generator=torch.Generator().manual_seed(4))
+        assert type(got) is type(ref)  # the same typed terms as the model's own
         for k in ("recon", "prior", "diffusion"):
-            torch.testing.assert_close(got[k], getattr(ref, k), rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(getattr(got, k), getattr(ref, k), rtol=1e-12, atol=1e-12)
+        assert got.latent_kl == "none" and not got.latent.any()  # a latent's KL is the caller's to add
+        torch.testing.assert_close(got.total + cond.latent.kl, ref.total, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError):
         negative_elbo(model.encode(x), cond.eps_fn, cond.bound, t, x=x)

@@ -38,13 +38,13 @@ def test_ode_report_rows_average_to_the_summary(tmp_path):
             p.add_(0.02 * torch.randn_like(p))
     _, test = load_splits(cfg.data)
     s = evaluate_ode(model, test, cfg.eval, limit=6, out_dir=tmp_path)
-    rows = _rows(tmp_path / "eval-ode-test.csv")
+    rows = _rows(tmp_path / f"{s.stem}.csv")
     assert len(rows) == 6 == s.images
     bpd = torch.tensor([float(r["bpd"]) for r in rows])
     mean, half = mean_ci(bpd)
     assert abs(mean - s.bpd) < 1e-5 and abs(half - s.ci95) < 1e-4
     for r in rows:  # each row's parts add up to its total
         assert abs(float(r["flow"]) + float(r["latent"]) - float(r["bpd"])) < 1e-5
-    saved = json.loads((tmp_path / "eval-ode-test.json").read_text())
+    saved = json.loads((tmp_path / f"{s.stem}.json").read_text())
     assert saved["latent_kl"] == "strict" and saved["extra"]["mean_nfe"] > 0
     assert saved["settings"]["dequantization"] == "truncnorm" and saved["settings"]["rtol"] == 1e-3

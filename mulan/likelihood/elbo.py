@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from mulan import distributed, rng
-from mulan.diffusion import (Diffusion, EpsFn, bits_per_dim, diffusion_loss, discrete_recon, encode,
+from mulan.diffusion import (Diffusion, ELBOTerms, EpsFn, bits_per_dim, diffusion_loss, discrete_recon, encode,
                              gaussian_recon, prior_kl)
 from mulan.distributed import World
 from mulan.rng import Generator
@@ -81,14 +81,16 @@ def elbo_per_image(model: Diffusion, images: Tensor, *, time_points: int = 128, 
 
 
 def negative_elbo(x_tilde: Tensor, eps_fn: EpsFn, bound: BoundSchedule, t: Tensor, *, x: Tensor | None = None,
-                  num_values: int = 0, timesteps: int = 0, generator: Generator = None) -> dict[str, Tensor]:
+                  num_values: int = 0, timesteps: int = 0, generator: Generator = None) -> ELBOTerms:
     """The negative ELBO's terms (B,) in nats for any denoiser ``eps_fn(x_t, t)`` and schedule ``bound(t)``
     (e.g. ``model.condition(x)``'s, or your own), at diffusion times ``t`` (B,), one noise draw each.
 
-    Discrete data: pass the integers ``x`` and ``num_values`` V (VDM's discrete decoder; ``x_tilde`` must be
-    their encoding 2 (x + 1/2) / V - 1). Continuous data (``x`` None): the Gaussian decoder
-    N(x_tilde; x_0 / alpha_0, exp(gamma_0)), a bound on -log p(x_tilde) as a density. A latent's KL is not
-    included. Average over many ``t`` (e.g. stratified) for the expected bound.
+    Returns :class:`~mulan.diffusion.ELBOTerms`, the type :meth:`Diffusion.elbo_terms` returns: ``.recon``,
+    ``.prior``, ``.diffusion``, ``.total``. Discrete data: pass the integers ``x`` and ``num_values`` V (VDM's
+    discrete decoder; ``x_tilde`` must be their encoding 2 (x + 1/2) / V - 1). Continuous data (``x`` None): the
+    Gaussian decoder N(x_tilde; x_0 / alpha_0, exp(gamma_0)), a bound on -log p(x_tilde) as a density. A latent's
+    KL is not included (``.latent`` is zero, ``.latent_kl`` 'none'): add ``model.condition(x).latent.kl`` for
+    a model with a latent. Average over many ``t`` (e.g. stratified) for the expected bound.
     """
     batch = x_tilde.shape[0]
     zeros = torch.zeros(batch, dtype=x_tilde.dtype, device=x_tilde.device)
@@ -100,6 +102,7 @@ def negative_elbo(x_tilde: Tensor, eps_fn: EpsFn, bound: BoundSchedule, t: Tenso
         recon = discrete_recon(x, x_tilde, g0, values, generator)
     else:
         recon = gaussian_recon(x_tilde, g0, generator)
-    return {"recon": recon, "prior": prior_kl(x_tilde, g1),
-            "diffusion": diffusion_loss(x_tilde, t, bound, lambda x_t, s, g: eps_fn(x_t, s), timesteps=timesteps,
-                                        generator=generator)}
+    return ELBOTerms(recon=recon, prior=prior_kl(x_tilde, g1),
+                     diffusion=diffusion_loss(x_tilde, t, bound, lambda x_t, s, g: eps_fn(x_t, s),
+                                              timesteps=timesteps, generator=generator),
+                     latent=zeros, latent_kl="none")
