@@ -2,8 +2,10 @@
 
 Every model gets the same denoiser, steps, batch, learning rate and seed (the digits presets differ only in
 the schedule and the latent). For each: the held-out negative ELBO on the whole test split (EMA weights,
-S stratified times per image, strict latent KL charged) with a 95% interval over images, the latent's cost,
-parameter counts, and seconds per training step measured in interleaved rounds on one fixed batch.
+S stratified times per image, strict latent KL charged) with a 95% interval over images, its paired
+difference to learned VDM (the same per-image times and noise for every model, 95% interval of the per-image
+differences), the latent's cost, parameter counts, and seconds per training step measured in interleaved
+rounds on one fixed batch.
 
     python benchmarks/ablations.py                      # the README's table (about 25 min on 2 cores)
     python benchmarks/ablations.py --steps 200 --time-points 16   # a quick look
@@ -21,8 +23,9 @@ from pathlib import Path
 import torch
 
 from mulan.config import apply_overrides
+from mulan.compare import PerImage, paired_difference
 from mulan.presets import get_preset, latent_cost_bpd
-from mulan.report import evaluate_elbo
+from mulan.report import measure_elbo, write_per_image, write_summary
 from mulan.train import build_model, train, train_step
 
 PRESETS = ["digits-fixed", "digits-vdm", "digits-mulan", "digits-mulan-no-latent", "digits-mulan-scalar",
@@ -64,14 +67,19 @@ def main() -> None:
     extra = [f"train.steps={args.steps}"] if args.steps else []
     configs = {name: apply_overrides(get_preset(name), [*extra, "train.eval_every=0"]) for name in args.presets}
     sec = step_seconds(configs, args.timing_rounds, steps=5)
-    rows = []
+    rows, per_image = [], {}
     for name, cfg in configs.items():
         out = Path(args.out) / name
         if (out / "checkpoints" / "last.pt").exists():
             sys.exit(f"{out} already holds a run: remove it or pass another --out")
         result = train(cfg, out)
-        ev = evaluate_elbo(result.model, result.test_set, time_points=args.time_points, batch_size=cfg.eval.batch_size,
-                           seed=cfg.train.seed, out_dir=out)
+        # one eval seed for every preset: common per-image draws, so the differences below are paired
+        ev, columns = measure_elbo(result.model, result.test_set, time_points=args.time_points,
+                                   batch_size=cfg.eval.batch_size, seed=0,
+                                   checkpoint=str(out / "checkpoints" / "last.pt"), step=result.step, weights="ema")
+        write_per_image(out / f"{ev.stem}.csv", columns)
+        write_summary(out / f"{ev.stem}.json", ev)
+        per_image[name] = PerImage(bpd=columns["bpd"].double(), terms={}, summary={}, source=str(out))
         m = result.model
         rows.append({
             "preset": name, "bpd": ev.bpd, "ci95": ev.ci95, "latent_bpd": ev.latent_bpd, "latent_kl": ev.latent_kl,
@@ -82,15 +90,23 @@ def main() -> None:
         })
         print(f"{name}: {ev.bpd:.4f} ± {ev.ci95:.4f} bits/dim", flush=True)
     vdm = next((r for r in rows if r["preset"] == "digits-vdm"), None)
+    for r in rows:
+        if vdm and r is not vdm:
+            d = paired_difference(per_image[r["preset"]], per_image["digits-vdm"])
+            r.update(diff_vdm=d.mean, diff_vdm_ci95=d.ci95, lower_than_vdm=d.a_lower)
     cfg0 = next(iter(configs.values()))
     print(f"\nDigits (8x8, V=17), test split {rows[0]['images']} images, negative ELBO with S={args.time_points} "
-          f"stratified times per image, EMA weights, strict latent KL; {cfg0.train.steps} steps of batch "
-          f"{cfg0.train.batch_size}, seed {cfg0.train.seed}; {torch.get_num_threads()} threads.\n")
-    print("| preset | bits/dim (95% CI) | of which latent | params (denoiser / schedule / encoder) | s/step | vs learned VDM step |")
-    print("|---|---|---|---|---|---|")
+          f"stratified times per image drawn per image from eval seed 0 (the same for every preset), EMA weights, "
+          f"strict latent KL; {cfg0.train.steps} steps of batch {cfg0.train.batch_size}, seed {cfg0.train.seed}; "
+          f"{torch.get_num_threads()} threads.\n")
+    print("| preset | bits/dim (95% CI) | - learned VDM, paired (95% CI) | lower on | of which latent | "
+          "params (denoiser / schedule / encoder) | s/step | vs learned VDM step |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = f"{r['s_per_step'] / vdm['s_per_step']:.2f}x" if vdm else "-"
-        print(f"| {r['preset']} | {r['bpd']:.4f} ± {r['ci95']:.4f} | {r['latent_bpd']:.4f} | "
+        paired = (f"{r['diff_vdm']:+.4f} ± {r['diff_vdm_ci95']:.4f} | {100 * r['lower_than_vdm']:.0f}%"
+                  if "diff_vdm" in r else "reference | ")
+        print(f"| {r['preset']} | {r['bpd']:.4f} ± {r['ci95']:.4f} | {paired} | {r['latent_bpd']:.4f} | "
               f"{r['params_total']:,} ({r['params_denoiser']:,} / {r['params_schedule']:,} / {r['params_encoder']:,}) | "
               f"{r['s_per_step']:.3f} | {ratio} |")
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -51,21 +53,54 @@ def atomic_write(path: Path, write: Any) -> None:
         raise
 
 
+def refuse_existing(paths, overwrite: bool = False) -> None:
+    """Raise :class:`OutputError` if any of ``paths`` exists, unless ``overwrite``: results are never replaced
+    silently."""
+    if overwrite:
+        return
+    for path in paths:
+        if Path(path).exists():
+            raise OutputError(f"{path} already exists; pass --overwrite to replace it, or choose another --out")
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write ``state`` (which must hold 'config' as a :class:`Config`) atomically."""
     payload = dict(state, format=FORMAT, version=VERSION, config=to_dict(state["config"]))
     atomic_write(path, lambda f: torch.save(payload, f))
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Read a checkpoint safely; returns its dict with 'config' rebuilt as a validated :class:`Config`."""
+def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
+    """The checkpoint file ``path`` names, and a note when it was found inside a folder ('' otherwise).
+
+    A run folder stands for its ``checkpoints/last.pt``, a ``checkpoints`` folder for its ``last.pt``.
+    """
     path = Path(path)
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "last.pt", path / "last.pt"):
+            if candidate.is_file():
+                return candidate, f"{path} is a folder: using its checkpoint {candidate}"
+        raise CheckpointError(f"{path} is a folder without a checkpoint (a run folder holds checkpoints/last.pt); "
+                              "give a .pt or .safetensors file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
+    return path, ""
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Read a checkpoint safely; returns its dict with 'config' rebuilt as a validated :class:`Config`.
+
+    ``path`` is a training checkpoint (.pt), a ``mulan export`` file (.safetensors) or a run folder (its
+    ``checkpoints/last.pt``; see :func:`resolve_checkpoint`).
+    """
+    path, _ = resolve_checkpoint(path)
+    kind = _sniff(path)
+    if kind == "safetensors":
         state = _load_safetensors(path, map_location)
-    else:
+    elif kind in ("zip", "pickle"):
         state = _load_torch(path, map_location)
+    else:
+        hint = ", e.g. RUN/checkpoints/last.pt, or the run folder" if path.name == "config.json" else ""
+        raise CheckpointError(f"{path} is {kind}, not a checkpoint (give a mulan .pt or .safetensors file{hint})")
     try:
         state["config"] = validate(from_dict(Config, state["config"]))
     except (ConfigError, KeyError) as e:
@@ -73,6 +108,36 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
+def _sniff(path: Path) -> str:
+    """What a file is, from its first bytes: 'zip' (torch.save), 'pickle' (legacy torch.save), 'safetensors',
+    or a short description of anything else ("a PNG image", "JSON text", ...)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head[:1] == b"\x80":  # pickle protocol >= 2: torch.save(..., _use_new_zipfile_serialization=False)
+        return "pickle"
+    if len(head) > 8 and head[8:9] == b"{":  # an 8-byte little-endian header length, then a JSON header
+        return "safetensors"
+    if path.suffix == ".safetensors":
+        return "safetensors"  # a damaged one: its reader says why
+    if not head:
+        return "an empty file"
+    for magic, what in ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"\x1f\x8b", "a gzip file"),
+                        (b"\x93NUMPY", "a NumPy array file")):
+        if head.startswith(magic):
+            return what
+    text = head.lstrip()
+    if text[:1] in (b"{", b"["):
+        return "JSON text"
+    try:
+        head.decode("utf-8")
+        return "a text file"
+    except UnicodeDecodeError:
+        return "binary data of an unknown kind"
 def _load_safetensors(path: Path, map_location) -> dict:
     """A file written by ``mulan export``: tensors plus config, step and which weights in the metadata."""
     import json
@@ -100,10 +165,11 @@ def _load_safetensors(path: Path, map_location) -> dict:
 
 def _load_torch(path: Path, map_location) -> dict:
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about e.g. pickle protocols; our own line says what matters
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
-        raise CheckpointError(f"refusing to load {path}: it holds more than weights and plain data ({first[:160]})") from None
+        raise CheckpointError(f"refusing to load {path}: {_refusal_reason(str(e))}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise CheckpointError(f"cannot read checkpoint {path}: truncated or not a mulan checkpoint ({type(e).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
@@ -111,6 +177,17 @@ def _load_torch(path: Path, map_location) -> dict:
     if state.get("version") != VERSION:
         raise CheckpointError(f"{path} has checkpoint version {state.get('version')}; this mulan reads version {VERSION}")
     return state
+
+
+def _refusal_reason(message: str) -> str:
+    """Why torch's weights-only unpickler refused a file, in our words (its own message is a paragraph)."""
+    found = re.search(r"GLOBAL ([\w.]+)", message)
+    if found:
+        return (f"unpickling it would call {found.group(1)}, i.e. run code; a mulan checkpoint holds only "
+                "weights and plain data")
+    found = re.search(r"Unsupported operand (\d+)", message)
+    detail = f" (pickle opcode {found.group(1)})" if found else ""
+    return f"it is a pickle that torch's weights-only loader cannot read safely{detail}, not a mulan checkpoint"
 
 
 def load_weights(module: torch.nn.Module, weights: dict, path: Path | str, what: str = "model") -> None:
@@ -129,4 +206,4 @@ def require(state: dict, *keys: str, path: Path | str = "") -> None:
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
 
 
-__all__ = ["atomic_write", "save_checkpoint", "load_checkpoint", "load_weights", "require", "MulanError"]
+__all__ = ["atomic_write", "save_checkpoint", "load_checkpoint", "resolve_checkpoint", "refuse_existing", "load_weights", "require", "MulanError"]

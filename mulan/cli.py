@@ -11,12 +11,17 @@ import sys
 import time
 from pathlib import Path
 
-from mulan import distributed
+from mulan import __version__, distributed, progress
 from mulan.config import Config, apply_overrides, to_dict
 from mulan.errors import ConfigError, MulanError, OutputError
 from mulan.presets import get_preset, latent_cost_bpd, preset_names
 
+DEFAULT_PRESET = "digits-mulan"
+
 OVERRIDES_HELP = "config overrides KEY=VALUE, e.g. train.steps=200 model.prediction=v (see --dry-run)"
+# What eval, sample and plot-schedule accept as overrides: settings that leave the trained model as it is.
+LOAD_OVERRIDES = ("data.", "eval.", "train.device", "train.threads")
+LOAD_OVERRIDES_TEXT = "data.*, eval.*, train.device and train.threads"
 
 
 def _writable_dir(path: Path) -> Path:
@@ -45,48 +50,77 @@ def _progress_bar(total: int, initial: int, enabled: bool):
     return bar, update
 
 
-def _load_model(checkpoint: str, overrides: list[str], *, ema: bool = True, join_ranks: bool = False):
-    """(model, config, state) from a checkpoint; data overrides (e.g. data.path=...) may point at moved files."""
+def _set_flag(cfg: Config, flag: str, key: str, value) -> Config:
+    """A command-line flag that sets a config field passes the field's own checks (named after the flag)."""
+    if value is None:
+        return cfg
+    try:
+        return apply_overrides(cfg, [f"{key}={value}"])
+    except ConfigError as e:
+        raise ConfigError(f"{flag} {value}: {e}") from None
+
+
+def _load_model(args, flags: tuple = (), *, join_ranks: bool = False):
+    """The :class:`~mulan.loading.Loaded` model of ``args.checkpoint`` (a file or a run folder), its config
+    with the user's overrides and the ``flags`` ((flag, key, value), ...) applied."""
     import torch
 
-    from mulan.checkpoint import load_checkpoint, load_weights, require
-    from mulan.train import build_model, resolve_device
+    from mulan.checkpoint import load_checkpoint, resolve_checkpoint
+    from mulan.loading import from_state
+    from mulan.train import resolve_device
 
-    state = load_checkpoint(checkpoint)
-    require(state, "ema" if ema else "model", path=checkpoint)
-    bad = [o for o in overrides if not o.split("=", 1)[0].startswith(("data.", "eval.", "train.device", "train.threads"))]
+    bad = [o for o in args.overrides if not o.split("=", 1)[0].strip().startswith(LOAD_OVERRIDES)]
     if bad:
-        raise ConfigError(f"only data.*, eval.*, train.device and train.threads can be overridden here, not {bad[0]!r}")
-    cfg = apply_overrides(state["config"], overrides)
+        raise ConfigError(f"only {LOAD_OVERRIDES_TEXT} can be overridden here, not {bad[0]!r}")
+    file, note = resolve_checkpoint(args.checkpoint)
+    state = load_checkpoint(file)
+    cfg = apply_overrides(state["config"], args.overrides)
+    for flag, key, value in flags:
+        cfg = _set_flag(cfg, flag, key, value)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    model = build_model(cfg)
-    load_weights(model, state["ema" if ema else "model"], checkpoint, "EMA" if ema else "model")
     if join_ranks:  # under torchrun: this rank's device in the job's process group
         device = distributed.setup(cfg.train.device)[1]
     else:
         device = resolve_device(cfg.train.device)
-    return model.to(device).eval(), cfg, state
+    if note and distributed.world().main:
+        print(note)
+    return from_state(state, file, weights="raw" if getattr(args, "raw", False) else "ema", device=device,
+                      config=cfg, note=note)
+
+
+def _positive(flag: str, value: int | None, hint: str = "") -> None:
+    if value is not None and value < 1:
+        raise ConfigError(f"{flag} {value}: must be >= 1{hint}")
 
 
 # --- commands -----------------------------------------------------------------------------------------------
 
 def cmd_presets(args) -> None:
-    for name in preset_names():
-        print(name)
+    from mulan.presets import describe
+
+    names = preset_names()
+    width = max(map(len, names))
+    for name in names:
+        print(f"{name:<{width}}  {describe(get_preset(name))}")
 
 
 def cmd_train(args) -> None:
     from mulan.checkpoint import load_checkpoint
     from mulan.train import check_batch_split, train
 
+    start = 0
     if args.resume:
         if not args.out:
             raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
-        cfg: Config = apply_overrides(load_checkpoint(Path(args.out) / "checkpoints" / "last.pt")["config"],
-                                      args.overrides)
+        state = load_checkpoint(Path(args.out) / "checkpoints" / "last.pt")
+        if args.preset is not None and args.preset != state["config"].preset:
+            raise ConfigError(f"--preset {args.preset} differs from the run's preset {state['config'].preset!r}; "
+                              "drop --preset to continue the run (only train/eval settings may change)")
+        cfg: Config = apply_overrides(state["config"], args.overrides)
+        start = int(state.get("step", 0))
     else:
-        cfg = apply_overrides(get_preset(args.preset), args.overrides)
+        cfg = apply_overrides(get_preset(args.preset or DEFAULT_PRESET), args.overrides)
     if args.dry_run:
         print(json.dumps(to_dict(cfg), indent=2))
         return
@@ -95,24 +129,43 @@ def cmd_train(args) -> None:
     out = Path(args.out or f"runs/{cfg.preset or 'custom'}")
     if not args.resume and (out / "checkpoints" / "last.pt").exists():
         raise OutputError(f"{out} already holds a run; continue it with --resume or choose another --out")
+    if args.resume and start >= cfg.train.steps and _finished(out, start):
+        if world.main:
+            print(f"nothing to do: {out} is at step {start} and train.steps={cfg.train.steps}, and its results are "
+                  f"in {out / 'results.json'}; raise train.steps to train on")
+        return
     if world.main:
         _writable_dir(out)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     t0 = time.perf_counter()
-    bar, update = _progress_bar(cfg.train.steps, 0, world.main and not args.no_progress)
+    show = progress.wanted(args.no_progress)
+    bar, update = _progress_bar(cfg.train.steps, start, show)
     try:
         result = train(cfg, out, resume=args.resume, progress=update)
     finally:
         bar.close()
     train_s = time.perf_counter() - t0
     if world.main:
-        print(f"trained {result.step} steps in {train_s:.0f} s ({result.images_per_s:.0f} images/s"
+        ran = max(result.step - start, 0)
+        what = (f"trained {ran} step{'s' * (ran != 1)} this time (step {start} -> {result.step})" if args.resume
+                else f"trained {result.step} steps")
+        print(f"{what} in {train_s:.0f} s ({result.images_per_s:.0f} images/s"
               f"{f' over {world.size} ranks' if world.distributed else ''}); "
               f"checkpoint {out / 'checkpoints' / 'last.pt'}")
-    finish_run(result.model, cfg, result.test_set, out, step=result.step, seed=cfg.train.seed, quick=args.quick)
+    finish_run(result.model, cfg, result.test_set, out, step=result.step, seed=cfg.train.seed, quick=args.quick,
+               show_progress=show)
 
 
-def finish_run(model, cfg: Config, test_set, out: Path, *, step: int, seed: int, quick: bool = False) -> None:
+def _finished(out: Path, step: int) -> bool:
+    """Whether the run's results.json is that of ``step`` (its final evaluation and samples were written)."""
+    try:
+        return int(json.loads((out / "results.json").read_text()).get("step", -1)) == step
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def finish_run(model, cfg: Config, test_set, out: Path, *, step: int, seed: int, quick: bool = False,
+               show_progress: bool = False) -> None:
     """After training: the held-out bound on the whole test split, samples, and (MuLAN) schedule figures."""
     import torch
 
@@ -121,15 +174,18 @@ def finish_run(model, cfg: Config, test_set, out: Path, *, step: int, seed: int,
     from mulan.sampling import ancestral_sample
     from mulan.train import MetricsLog
 
-    summary = evaluate_elbo(model, test_set, time_points=cfg.eval.time_points if not quick else 4,
-                            batch_size=cfg.eval.batch_size, seed=seed, out_dir=out)  # sharded over ranks
+    with progress.bar("final ELBO, test split", "images", show_progress, total=len(test_set)) as cb:
+        summary = evaluate_elbo(model, test_set, time_points=cfg.eval.time_points if not quick else 4,
+                                batch_size=cfg.eval.batch_size, seed=seed, out_dir=out, callback=cb,
+                                checkpoint=str(out / "checkpoints" / "last.pt"), step=step,
+                                weights="ema")  # sharded over ranks
     if not distributed.world().main:
-        return  # samples, figures and files: rank 0
-    summary.checkpoint, summary.step = str(out / "checkpoints" / "last.pt"), step
+        return
     print("\n".join(summary.lines()))
     gen = torch.Generator(model.device).manual_seed(seed)
     steps = cfg.eval.sample_steps if not quick else 10
-    samples = ancestral_sample(model, cfg.eval.num_samples, steps=steps, generator=gen)
+    with progress.bar(f"sampling {cfg.eval.num_samples} images", "steps", show_progress, total=steps) as cb:
+        samples = ancestral_sample(model, cfg.eval.num_samples, steps=steps, generator=gen, callback=cb)
     save_grid(samples, cfg.data.num_values, out / "samples.png")
     log = MetricsLog(out)  # TensorBoard, when installed, gets the samples too
     log.image("samples", make_grid(samples.cpu(), cfg.data.num_values), step)
@@ -137,130 +193,182 @@ def finish_run(model, cfg: Config, test_set, out: Path, *, step: int, seed: int,
     from mulan.plots import schedule_figures, training_curves
 
     figures = out / "figures"
-    schedule_figures(model, test_set.images, figures, sample_steps=min(steps, 250), seed=seed)
+    with progress.bar("figures: samples per z", "steps", show_progress, total=min(steps, 250)) as cb:
+        schedule_figures(model, test_set.images, figures, sample_steps=min(steps, 250), seed=seed, callback=cb)
     if (out / "metrics.jsonl").is_file():
         training_curves(out / "metrics.jsonl", figures / "training_curves.png")
-    metrics = {"step": step, "test": summary.__dict__, "latent_cost_bpd_strict": latent_cost_bpd(cfg),
-               "sample_steps": steps}
+    metrics = {"step": step, "test": summary.__dict__, "eval_files": summary.stem,
+               "latent_cost_bpd_strict": latent_cost_bpd(cfg), "sample_steps": steps}
     (out / "results.json").write_text(json.dumps(metrics, indent=2, default=str))
-    print(f"samples ({steps} ancestral steps): {out / 'samples.png'}; figures: {figures}/; "
-          f"results: {out / 'results.json'}")
+    print(f"per-image results: {out / summary.stem}.csv; samples ({steps} ancestral steps): {out / 'samples.png'}; "
+          f"figures: {figures}/; results: {out / 'results.json'}")
 
 
 def cmd_eval(args) -> None:
     from mulan.data import load_splits
-    from mulan.report import evaluate_elbo, evaluate_ode, write_summary
+    from mulan.report import evaluate_elbo, evaluate_ode
 
-    model, cfg, state = _load_model(args.checkpoint, args.overrides, join_ranks=True)
+    _positive("--limit", args.limit, " (the number of images; without --limit: the whole split)")
+    if args.estimator == "ode" and (args.time_points is not None or args.timesteps is not None):
+        raise ConfigError("--time-points and --timesteps set the ELBO; the ODE's settings are eval.ode_* overrides")
+    run = _load_model(args, (("--time-points", "eval.time_points", args.time_points),
+                             ("--timesteps", "model.timesteps", args.timesteps)), join_ranks=True)
+    cfg = run.config
     train_set, test_set = load_splits(cfg.data)
     data = test_set if args.split == "test" else train_set
-    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent.parent
+    out = Path(args.out) if args.out else run.run_dir
     main_rank = distributed.world().main
     if main_rank:
         _writable_dir(out)
-    if args.timesteps >= 0:  # the discrete-time bound with T steps (0: continuous time) for any model
-        model.cfg.timesteps = args.timesteps
-    if args.estimator == "ode":
-        summary = evaluate_ode(model, data, cfg.eval, seed=args.seed, limit=args.limit, out_dir=out)
-    else:
-        summary = evaluate_elbo(model, data, time_points=args.time_points or cfg.eval.time_points,
-                                batch_size=cfg.eval.batch_size, seed=args.seed, limit=args.limit, out_dir=out)
+    common = dict(seed=args.seed, limit=args.limit or 0, out_dir=out, checkpoint=str(run.path), step=run.step,
+                  weights=run.weights, overwrite=args.overwrite)
+    total = min(args.limit or len(data), len(data))
+    with progress.bar(f"{args.estimator.upper()}, {data.split} split", "images", progress.wanted(args.no_progress),
+                      total=total) as cb:
+        if args.estimator == "ode":
+            summary = evaluate_ode(run.model, data, cfg.eval, callback=cb, **common)
+        else:
+            summary = evaluate_elbo(run.model, data, time_points=cfg.eval.time_points,
+                                    batch_size=cfg.eval.batch_size, callback=cb, **common)
     if not main_rank:
         return
-    summary.checkpoint, summary.step = str(args.checkpoint), int(state.get("step", 0))
-    write_summary(out / f"eval-{args.estimator}-{data.split}.json", summary)
     print("\n".join(summary.lines()))
-    print(f"per-image results: {out / f'eval-{args.estimator}-{data.split}.csv'}")
+    print(f"per-image results: {out / summary.stem}.csv; summary: {out / summary.stem}.json")
 
 
 def cmd_sample(args) -> None:
     import torch
 
-    from mulan.images import save_grid
+    from mulan.checkpoint import refuse_existing
+    from mulan.images import check_format, save_samples
     from mulan.sampling import ancestral_sample, ode_sampler
 
-    model, cfg, _ = _load_model(args.checkpoint, args.overrides)
-    out = Path(args.out or Path(args.checkpoint).resolve().parent.parent / "samples.png")
+    if args.sampler == "ode" and args.steps is not None:
+        raise ConfigError("--steps sets the ancestral sampler; the ODE sampler's tolerances are eval.ode_rtol "
+                          "and eval.ode_atol")
+    if args.out:
+        check_format(Path(args.out))  # before any work
+    run = _load_model(args, (("--num", "eval.num_samples", args.num), ("--steps", "eval.sample_steps", args.steps)))
+    model, cfg = run.model, run.config
+    num, steps = cfg.eval.num_samples, cfg.eval.sample_steps
+    how = f"ancestral-T{steps}" if args.sampler == "ancestral" else "ode"
+    out = Path(args.out) if args.out else run.run_dir / f"samples-{how}-n{num}-seed{args.seed}-{run.weights}-step{run.step}.png"
+    refuse_existing([out], args.overwrite)
     _writable_dir(out.parent)
     gen = torch.Generator(model.device).manual_seed(args.seed)
-    num = args.num or cfg.eval.num_samples
+    z = model.latent.sample_prior(num, generator=gen, device=model.device)  # the draw the sampler would make
+    show = progress.wanted(args.no_progress)
     if args.sampler == "ode":
-        images = ode_sampler(model, num, rtol=cfg.eval.ode_rtol, atol=cfg.eval.ode_atol, method=cfg.eval.ode_method,
-                             generator=gen)
+        with progress.bar(f"ODE sampling {num} images", "evaluations", show) as cb:
+            images = ode_sampler(model, num, z=z, rtol=cfg.eval.ode_rtol, atol=cfg.eval.ode_atol,
+                                 method=cfg.eval.ode_method, generator=gen, callback=cb)
     else:
-        images = ancestral_sample(model, num, steps=args.steps or cfg.eval.sample_steps, generator=gen)
-    save_grid(images, cfg.data.num_values, out)
-    print(f"wrote {images.shape[0]} samples to {out}")
+        with progress.bar(f"sampling {num} images", "steps", show, total=steps) as cb:
+            images = ancestral_sample(model, num, steps=steps, z=z, generator=gen, callback=cb)
+    save_samples(images, cfg.data.num_values, out, z=z)
+    print(f"wrote {images.shape[0]} samples ({how.replace('-T', ', T=')}, seed {args.seed}, "
+          f"{'raw' if args.raw else 'EMA'} weights of step {run.step}) to {out}")
 
 
 def cmd_plot_schedule(args) -> None:
+    from mulan.checkpoint import refuse_existing
     from mulan.data import load_splits
-    from mulan.plots import schedule_figures
+    from mulan.plots import SCHEDULE_FIGURES, schedule_figures
 
-    model, cfg, _ = _load_model(args.checkpoint, args.overrides)
-    _, test_set = load_splits(cfg.data)
-    out = _writable_dir(Path(args.out) if args.out else Path(args.checkpoint).resolve().parent.parent / "figures")
-    for path in schedule_figures(model, test_set.images, out, sample_steps=args.steps, seed=args.seed):
+    run = _load_model(args, (("--steps", "eval.sample_steps", args.steps),))
+    _, test_set = load_splits(run.config.data)
+    out = Path(args.out) if args.out else run.run_dir / f"figures-{run.weights}-step{run.step}"
+    refuse_existing([out / name for name in SCHEDULE_FIGURES], args.overwrite)
+    _writable_dir(out)
+    steps = run.config.eval.sample_steps
+    with progress.bar("samples per z", "steps", progress.wanted(args.no_progress), total=steps) as cb:
+        paths = schedule_figures(run.model, test_set.images, out, sample_steps=steps, seed=args.seed, callback=cb)
+    for path in paths:
         print(f"wrote {path}")
 
 
 # --- parser -------------------------------------------------------------------------------------------------
 
+def _load_options(parser, what: str) -> None:
+    """Options shared by the commands that read a trained model."""
+    parser.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (none is drawn when stderr is "
+                                                                       "not a terminal)")
+    parser.add_argument("--overwrite", action="store_true", help=f"replace {what} that already exist")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help=f"config overrides, {LOAD_OVERRIDES_TEXT} only (the model stays as trained), "
+                             "e.g. data.path=... eval.batch_size=64")
+
+
+CHECKPOINT_HELP = "a checkpoint (.pt), a run folder (uses its checkpoints/last.pt) or a `mulan export` .safetensors file"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mulan", description="Diffusion models with learned, multivariate, "
                                 "input-adaptive noise schedules (MuLAN) and the VDM family.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a model, then evaluate it on the whole test split and sample",
                        epilog="Several processes, GPUs or nodes: torchrun --nproc_per_node N -m mulan train ... "
                               "(train.batch_size is the global batch; see the README).")
-    t.add_argument("--preset", default="digits-mulan", help="named configuration (see `mulan presets`); default digits-mulan")
-    t.add_argument("--out", help="run directory (default runs/PRESET); an existing run is never overwritten")
+    t.add_argument("--preset", default=None,
+                   help=f"named configuration (see `mulan presets`); default {DEFAULT_PRESET}; with --resume, "
+                        "the run's own (another is refused)")
+    t.add_argument("--out", help="run directory (default runs/PRESET; `make run` passes runs/PRESET-DATE-TIME); "
+                                 "an existing run is never overwritten")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars (none are drawn when stderr is "
+                                                                 "not a terminal)")
     t.add_argument("--quick", action="store_true", help="cheap final evaluation and sampling (smoke tests)")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="held-out likelihood of a checkpoint, per image and summarised")
-    e.add_argument("checkpoint")
+    e = sub.add_parser("eval", help="held-out likelihood of a checkpoint, per image and summarised",
+                       description="Writes OUT/eval-<estimator>-<split>-<all|firstN>-<settings>-seed<S>-<ema|raw>-"
+                                   "step<N>.csv (one row per image) and the .json summary of the same name.")
+    e.add_argument("checkpoint", help=CHECKPOINT_HELP)
     e.add_argument("--estimator", choices=["elbo", "ode"], default="elbo")
     e.add_argument("--split", choices=["test", "train"], default="test")
-    e.add_argument("--limit", type=int, default=0, help="evaluate only the first N images (reported as a subset)")
-    e.add_argument("--time-points", type=int, default=0, help="ELBO: stratified times per image (default eval.time_points)")
-    e.add_argument("--timesteps", type=int, default=-1,
-                   help="ELBO: the discrete-time bound with T steps, or 0 for continuous time (default: as trained)")
+    e.add_argument("--limit", type=int, default=None, help="evaluate only the first N >= 1 images (a subset, "
+                                                           "reported as one; default: the whole split)")
+    e.add_argument("--time-points", type=int, default=None,
+                   help="ELBO: stratified times per image, >= 1 (sets eval.time_points)")
+    e.add_argument("--timesteps", type=int, default=None,
+                   help="ELBO: the discrete-time bound with T >= 1 steps, or 0 for continuous time (sets "
+                        "model.timesteps; default: as trained)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", help="folder for the per-image CSV and summary JSON (default: the run folder)")
-    e.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="data.*/eval.* overrides, e.g. data.path=... eval.ode_divergence=exact eval.dequant_samples=4")
+    _load_options(e, "result files")
     e.set_defaults(func=cmd_eval)
 
-    s = sub.add_parser("sample", help="draw samples from a checkpoint into a PNG grid")
-    s.add_argument("checkpoint")
-    s.add_argument("--num", type=int, default=0, help="number of images (default eval.num_samples)")
+    s = sub.add_parser("sample", help="draw samples from a checkpoint: a PNG grid or an .npz of integer arrays")
+    s.add_argument("checkpoint", help=CHECKPOINT_HELP)
+    s.add_argument("--num", type=int, default=None, help="number of images, >= 1 (sets eval.num_samples)")
     s.add_argument("--sampler", choices=["ancestral", "ode"], default="ancestral",
                    help="ancestral (T steps) or the probability-flow ODE (adaptive, eval.ode_* tolerances)")
-    s.add_argument("--steps", type=int, default=0, help="ancestral steps T (default eval.sample_steps)")
+    s.add_argument("--steps", type=int, default=None, help="ancestral steps T >= 1 (sets eval.sample_steps)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", help="PNG path (default RUN_DIR/samples.png)")
-    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="eval.*/train.device overrides")
+    s.add_argument("--out", help="file: .png (a grid) or .npz (images (N, C, H, W) integers 0..V-1 and the z of each); "
+                                 "default RUN_DIR/samples-<sampler>-n<N>-seed<S>-<ema|raw>-step<N>.png")
+    _load_options(s, "an --out file")
     s.set_defaults(func=cmd_sample)
 
     f = sub.add_parser("plot-schedule", help="PNG figures of the learned noise schedule of a checkpoint")
-    f.add_argument("checkpoint")
-    f.add_argument("--out", help="folder (default RUN_DIR/figures)")
-    f.add_argument("--steps", type=int, default=250, help="ancestral steps for the samples-per-z figure")
+    f.add_argument("checkpoint", help=CHECKPOINT_HELP)
+    f.add_argument("--out", help="folder (default RUN_DIR/figures-<ema|raw>-step<N>)")
+    f.add_argument("--steps", type=int, default=250, help="ancestral steps for the samples-per-z figure, >= 1")
     f.add_argument("--seed", type=int, default=0)
-    f.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="data.*/train.device overrides")
+    _load_options(f, "figures")
     f.set_defaults(func=cmd_plot_schedule)
 
-    from mulan import export
+    from mulan import compare, export
 
     export.register(sub)
+    compare.register(sub, _load_options)
 
-    ps = sub.add_parser("presets", help="list the named configurations")
+    ps = sub.add_parser("presets", help="list the named configurations, one line each")
     ps.set_defaults(func=cmd_presets)
     return p
 

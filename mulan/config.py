@@ -49,6 +49,9 @@ class ScheduleConfig:
     ] = "learned_linear"
     gamma_min: float = -13.3  # gamma at t=0 (initial value for learned end points)
     gamma_max: float = 5.0  # gamma at t=1 (initial value for learned end points)
+    # per-pixel schedules: 'none' keeps gamma(0), gamma(1) fixed (the paper); 'scalar' learns both as learned VDM
+    # does (gamma(0) = b, gamma(1) = b + |w|); 'pixel' learns one pair per pixel
+    learn_ends: Literal["none", "scalar", "pixel"] = "none"
     pixel_mean: bool = False  # average a per-pixel schedule over pixels (the "scalar" ablation)
     adaptive: bool = True  # feed z to the schedule network; False feeds a constant (the "non-adaptive" ablation)
     decoder: Literal["dense", "conv", "lowrank"] = "conv"  # network mapping z to per-pixel coefficients
@@ -81,6 +84,9 @@ class DenoiserConfig:
     fourier_min: int = 6  # Fourier-feature input channels sin/cos(2^n * 2 pi * x), n in [min, max]
     fourier_max: int = 7  # set fourier_max < fourier_min to disable
     embedding_dim: int = 0  # conditioning width (0: 4 * channels)
+    # what the network is told of the noise: 'mean' the pixel-mean of gamma (the paper, as VDM); 'map' also the
+    # per-pixel gamma map, rescaled like the mean, as extra input channels
+    gamma_input: Literal["mean", "map"] = "mean"
 
 
 @dataclass
@@ -198,16 +204,40 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         node = cfg
         for part in path:
             if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:
-                raise ConfigError(f"unknown config key {key!r}")
+                raise ConfigError(f"unknown config key {key!r}{_did_you_mean(key.strip())}")
             node = getattr(node, part)
         if not dataclasses.is_dataclass(node) or leaf not in {f.name for f in dataclasses.fields(node)}:
-            raise ConfigError(f"unknown config key {key!r}")
+            raise ConfigError(f"unknown config key {key!r}{_did_you_mean(key.strip())}")
         tp = typing.get_type_hints(type(node))[leaf]
         if dataclasses.is_dataclass(tp):
             raise ConfigError(f"{key!r} is a section; set one of its fields, e.g. {key}.<field>=...")
         setattr(node, leaf, _parse(text.strip(), tp, key))
     validate(cfg)
     return cfg
+
+
+def config_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every settable dotted key, e.g. 'train.steps', 'model.schedule.kind'."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys += config_keys(tp, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _did_you_mean(key: str) -> str:
+    """'; did you mean 'train.steps'?' for a near miss, else ''."""
+    import difflib
+
+    keys = config_keys()
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    if not close:  # a right field in a wrong or misspelt section: train.time_points -> eval.time_points
+        leaf = key.rsplit(".", 1)[-1]
+        close = [k for k in keys if k.rsplit(".", 1)[-1] == leaf][:1]
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _parse(text: str, tp: Any, key: str) -> Any:
@@ -306,8 +336,8 @@ def validate(cfg: Config) -> Config:
     need(t.accumulate >= 1, f"train.accumulate must be >= 1, got {t.accumulate}")
     need(t.batch_size % t.accumulate == 0,
          f"train.batch_size ({t.batch_size}) must be divisible by train.accumulate ({t.accumulate})")
-    need(e.time_points >= 1 and e.batch_size >= 1, "eval.time_points and eval.batch_size must be >= 1")
-    need(e.sample_steps >= 1 and e.num_samples >= 1, "eval.sample_steps and eval.num_samples must be >= 1")
+    for name in ("time_points", "batch_size", "sample_steps", "num_samples"):
+        need(getattr(e, name) >= 1, f"eval.{name} must be >= 1, got {getattr(e, name)}")
     need(e.ode_rtol > 0 and e.ode_atol > 0, "eval.ode_rtol and eval.ode_atol must be positive")
     need(e.ode_probes >= 1 and e.dequant_samples >= 1, "eval.ode_probes and eval.dequant_samples must be >= 1")
     return cfg

@@ -120,21 +120,28 @@ class Diffusion(nn.Module):
         return self.encode(torch.arange(self.num_values, device=device))
 
     # --- the network ---------------------------------------------------------------------------------------
-    def time_input(self, gamma: Tensor) -> Tensor:
-        """The denoiser's time input: the pixel-mean of gamma rescaled to [0, 1] by the configured ends."""
+    def rescale_gamma(self, gamma: Tensor) -> Tensor:
+        """gamma rescaled to [0, 1] by the configured ends (the initial ones, when the ends are learned)."""
         s = self.cfg.schedule
-        return (gamma.flatten(1).mean(1) - s.gamma_min) / (s.gamma_max - s.gamma_min)
+        return (gamma - s.gamma_min) / (s.gamma_max - s.gamma_min)
+
+    def time_input(self, gamma: Tensor) -> Tensor:
+        """The denoiser's time input: the pixel-mean of gamma, rescaled (:meth:`rescale_gamma`)."""
+        return self.rescale_gamma(gamma.flatten(1).mean(1))
 
     def eps_hat(self, x_t: Tensor, g: GammaOut, z: Tensor | None) -> Tensor:
-        """eps_hat(x_t, z, t); a v-prediction network's output is converted by eps = sigma x_t + alpha v."""
+        """eps_hat(x_t, z, t); a v-prediction network's output is converted by eps = sigma x_t + alpha v.
+
+        The network sees the pixel-mean of gamma and, with ``denoiser.gamma_input='map'``, the gamma map too."""
         time = self.time_input(g.gamma)
+        extra = (self.rescale_gamma(g.gamma).expand_as(x_t),) if self.cfg.denoiser.gamma_input == "map" else ()
         net_in = x_t.contiguous(memory_format=torch.channels_last) if self.channels_last else x_t
         if self.amp_dtype is not None and self.training:
             with torch.autocast(x_t.device.type, dtype=self.amp_dtype):
-                out = self.denoiser(net_in, time, z)
+                out = self.denoiser(net_in, time, z, *extra)
             out = out.to(x_t.dtype)
         else:
-            out = self.denoiser(net_in, time, z)
+            out = self.denoiser(net_in, time, z, *extra)
         if self.cfg.prediction == "v":
             out = g.sigma2.sqrt() * x_t + g.alpha2.sqrt() * out
         return out

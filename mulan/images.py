@@ -1,4 +1,4 @@
-"""Image grids as PNG files (Pillow), written atomically."""
+"""Samples on disk: PNG grids to look at, ``.npz`` integer arrays to compute with; written atomically."""
 
 from __future__ import annotations
 
@@ -10,17 +10,30 @@ import torch
 from torch import Tensor
 
 from mulan.checkpoint import atomic_write
+from mulan.errors import OutputError
+
+SEPARATOR = (70, 130, 180)  # steel blue: the line between tiles, unlike any grey pixel value
+FORMATS = {".png": "a PNG grid", ".npz": "NumPy arrays: images (N, C, H, W) integers 0..V-1, z, num_values"}
 
 
-def make_grid(images: Tensor, num_values: int, *, nrow: int | None = None, pad: int = 1) -> Tensor:
-    """(N, C, H, W) integers in 0..V-1 -> one uint8 image (C', H', W') with C' in {1, 3}, values 0..255."""
+def make_grid(images: Tensor, num_values: int, *, nrow: int | None = None, pad: int = 1, scale: int = 1,
+              separator: tuple[int, int, int] = SEPARATOR) -> Tensor:
+    """(N, C, H, W) integers in 0..V-1 -> one uint8 RGB image (3, H', W'), values 0..255, ``nrow`` tiles a row.
+
+    Each image is enlarged ``scale`` times (nearest) and tiles are separated by ``pad`` pixels of the colour
+    ``separator``, so neighbours stay apart even where their borders are black. Grey images become grey RGB;
+    channel counts other than 1 and 3 show the first.
+    """
     n, c, h, w = images.shape
     nrow = nrow or max(1, math.ceil(math.sqrt(n)))
     ncol = math.ceil(n / nrow)
     x = (images.float() * (255.0 / (num_values - 1))).round().clamp(0, 255).to(torch.uint8)
     if c not in (1, 3):  # show the first channel of unusual channel counts
         x, c = x[:, :1], 1
-    grid = torch.zeros((c, ncol * (h + pad) + pad, nrow * (w + pad) + pad), dtype=torch.uint8)
+    x = x.expand(n, 3, h, w).repeat_interleave(scale, 2).repeat_interleave(scale, 3)
+    h, w = h * scale, w * scale
+    grid = torch.tensor(separator, dtype=torch.uint8).reshape(3, 1, 1).repeat(1, ncol * (h + pad) + pad,
+                                                                                nrow * (w + pad) + pad)
     for i in range(n):
         r, q = divmod(i, nrow)
         top, left = pad + r * (h + pad), pad + q * (w + pad)
@@ -28,21 +41,54 @@ def make_grid(images: Tensor, num_values: int, *, nrow: int | None = None, pad: 
     return grid
 
 
-def save_png(grid: Tensor, path: Path, *, min_size: int = 256) -> None:
-    """Save a uint8 (C, H, W) image, enlarged by an integer factor (nearest) to at least ``min_size``."""
+def save_png(grid: Tensor, path: Path) -> None:
+    """Save a uint8 (C, H, W) image (C = 1 or 3) as a PNG."""
     from PIL import Image
 
     c, h, w = grid.shape
     arr = grid.permute(1, 2, 0).cpu().numpy()
     img = Image.fromarray(arr[:, :, 0] if c == 1 else arr, mode="L" if c == 1 else "RGB")
-    scale = max(1, math.ceil(min_size / max(h, w)))
-    if scale > 1:
-        img = img.resize((w * scale, h * scale), Image.NEAREST)
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     atomic_write(Path(path), lambda f: f.write(buf.getvalue()))
 
 
-def save_grid(images: Tensor, num_values: int, path: Path, *, nrow: int | None = None) -> None:
-    """Save images (N, C, H, W) with values 0..V-1 as one PNG grid."""
-    save_png(make_grid(images.cpu(), num_values, nrow=nrow), path)
+def grid_scale(shape: tuple[int, ...], tiles: int, min_size: int = 256) -> int:
+    """The integer enlargement that makes a grid of ``tiles`` images of ``shape`` (.., H, W) about ``min_size``
+    pixels across (small images are enlarged before gridding, so separators stay thin)."""
+    across = max(1, math.ceil(math.sqrt(tiles))) * max(shape[-2], shape[-1])
+    return max(1, math.ceil(min_size / across))
+
+
+def save_grid(images: Tensor, num_values: int, path: Path, *, nrow: int | None = None, min_size: int = 256) -> None:
+    """Save images (N, C, H, W) with values 0..V-1 as one PNG grid, enlarged to about ``min_size`` pixels."""
+    scale = grid_scale(images.shape, images.shape[0], min_size)
+    save_png(make_grid(images.cpu(), num_values, nrow=nrow, scale=scale, pad=2 if scale > 1 else 1), path)
+
+
+def check_format(path: Path) -> str:
+    """The suffix of a samples file if mulan writes it (.png, .npz), else a one-line :class:`OutputError`."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        choices = "; ".join(f"{k} ({v})" for k, v in FORMATS.items())
+        raise OutputError(f"cannot write samples as {suffix or 'a file without a suffix'} ({path}): "
+                          f"the suffix decides the format, one of {choices}")
+    return suffix
+
+
+def save_samples(images: Tensor, num_values: int, path: Path, *, z: Tensor | None = None) -> None:
+    """Samples (N, C, H, W), integers 0..V-1, as the format ``path``'s suffix names (see :data:`FORMATS`).
+
+    ``.npz`` holds ``images`` (uint8, or int32 when V > 256), ``z`` (N, m) float32, the latent each image was
+    drawn with ((N, 0) without a latent), and ``num_values``.
+    """
+    import numpy as np
+
+    if check_format(path) == ".png":
+        save_grid(images, num_values, path)
+        return
+    x = images.cpu().numpy().astype(np.uint8 if num_values <= 256 else np.int32)
+    zs = (z.detach().float().cpu().numpy() if z is not None else np.zeros((x.shape[0], 0), np.float32))
+    buf = io.BytesIO()
+    np.savez(buf, images=x, z=zs, num_values=np.int64(num_values))
+    atomic_write(Path(path), lambda f: f.write(buf.getvalue()))

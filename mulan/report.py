@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from mulan import distributed
-from mulan.checkpoint import atomic_write
+from mulan.checkpoint import atomic_write, refuse_existing
 from mulan.config import EvalConfig
 from mulan.data import ImageDataset
 from mulan.diffusion import Diffusion, bits_per_dim
@@ -42,7 +42,14 @@ class EvalSummary:
     wall_s: float
     checkpoint: str = ""
     step: int = 0
+    weights: str = ""  # 'ema' or 'raw' ('' when not from a checkpoint)
     extra: dict = field(default_factory=dict)
+
+    @property
+    def stem(self) -> str:
+        """The file name (without suffix) of this evaluation's CSV and JSON: see :func:`report_stem`."""
+        return report_stem(self.estimator, self.split, self.images, self.subset, self.settings, self.weights,
+                           self.step if self.checkpoint else None)
 
     def lines(self) -> list[str]:
         part = f"{self.images} images ({'subset of' if self.subset else 'whole'} {self.split} split)"
@@ -52,50 +59,119 @@ class EvalSummary:
             f"  estimator : {self.estimator} {json.dumps(self.settings, sort_keys=True)}",
             "  terms     : " + ", ".join(f"{k} {v:.4f}" for k, v in self.terms_bpd.items()) + " bits/dim",
             f"  latent KL : {self.latent_kl} ({self.latent_bpd:.4f} bits/dim charged)",
-            f"  wall time : {self.wall_s:.1f} s" + (f", checkpoint {self.checkpoint} (step {self.step})" if self.checkpoint else ""),
+            f"  wall time : {self.wall_s:.1f} s" + (f", checkpoint {self.checkpoint} (step {self.step}, "
+                                                   f"{_WEIGHTS.get(self.weights, self.weights)} weights)"
+                                                   if self.checkpoint else ""),
         ] + ([f"  solver    : {self.extra['mean_nfe']:.1f} function evaluations per solve (mean), "
               f"{self.extra['images_per_s']:.2f} images/s"] if "mean_nfe" in self.extra else [])
 
 
-def evaluate_elbo(model: Diffusion, data: ImageDataset, *, time_points: int, batch_size: int, seed: int = 0,
-                  limit: int = 0, out_dir: Path | None = None, callback=None) -> EvalSummary:
-    """Negative ELBO of (the first ``limit`` images of, or all of) ``data``; writes per-image CSV + summary."""
+_WEIGHTS = {"ema": "EMA", "raw": "raw"}
+
+
+def report_stem(estimator: str, split: str, images: int, subset: bool, settings: dict, weights: str = "",
+                step: int | None = None) -> str:
+    """``eval-<estimator>-<split>-<all|firstN>-<settings>-seed<S>[-<weights>-step<N>]``: what the numbers are.
+
+    The settings that change the number: ELBO ``S<time points>`` and ``T<steps>`` for the discrete-time bound;
+    ODE ``<method>-rtol<r>-atol<a>-<exact|hutchinson<probes>[gaussian]>-<truncnorm|uniform>K<K>[-float64]``;
+    ``ranks<R>`` when several ranks shared the draws. The CSV (one row per image) and the JSON summary share it.
+    """
+    parts = ["eval", estimator, split, f"first{images}" if subset else "all"]
+    if estimator == "elbo":
+        parts.append(f"S{settings['time_points']}")
+        if settings.get("timesteps"):
+            parts.append(f"T{settings['timesteps']}")
+    else:
+        div = (f"hutchinson{settings['probes']}{'gaussian' if settings['probe_dist'] == 'gaussian' else ''}"
+               if settings["divergence"] == "hutchinson" else settings["divergence"])
+        parts += [settings["method"], f"rtol{settings['rtol']:g}", f"atol{settings['atol']:g}", div,
+                  f"{settings['dequantization']}K{settings['dequant_samples']}"]
+        if settings["dtype"] != "float32":
+            parts.append(settings["dtype"])
+    if "ranks" in settings:
+        parts.append(f"ranks{settings['ranks']}")
+    parts.append(f"seed{settings['seed']}")
+    if weights:
+        parts.append(weights)
+    if step is not None:
+        parts.append(f"step{step}")
+    return "-".join(parts)
+
+
+def _outputs(out_dir: Path | None, stem: str, overwrite: bool) -> tuple[Path, Path] | None:
+    """The CSV and JSON paths of an evaluation (None off the main rank, which writes nothing); refused before any
+    work when they exist, unless ``overwrite`` (checked on every rank, so all stop together)."""
+    if out_dir is None:
+        return None
+    paths = (out_dir / f"{stem}.csv", out_dir / f"{stem}.json")
+    refuse_existing(paths, overwrite)
+    return paths if distributed.world().main else None
+
+
+def _elbo_settings(model: Diffusion, time_points: int, seed: int) -> dict:
+    # Per-image draws: the batch size and the rank count do not change the number, so they are not settings.
+    return {"time_points": time_points, "time_sampling": "stratified",
+            "diffusion_loss": "discrete" if model.cfg.timesteps else "continuous",
+            "timesteps": model.cfg.timesteps, "seed": seed, "draws": "per image (seed, index)"}
+
+
+def measure_elbo(model: Diffusion, data: ImageDataset, *, time_points: int, batch_size: int, seed: int = 0,
+                 limit: int = 0, callback=None, checkpoint: str = "", step: int = 0,
+                 weights: str = "") -> tuple[EvalSummary, dict[str, torch.Tensor]]:
+    """Negative ELBO of (the first ``limit`` images of, or all of) ``data``: the summary and the per-image
+    columns in bits/dim ('bpd' and each term), with per-image draws seeded by (``seed``, image index).
+    ``callback(images_done, images_total)`` after each batch."""
     from mulan.likelihood.stats import mean_ci
 
     model = _in_eval_mode(model, model.dtype)
     images = data.images[:limit] if 0 < limit < len(data) else data.images
-    device = model.device
     t0 = time.perf_counter()
-    res = elbo_per_image(model, images, time_points=time_points, batch_size=batch_size,
-                         generator=torch.Generator(device).manual_seed(seed), callback=callback)
+    res = elbo_per_image(model, images, time_points=time_points, batch_size=batch_size, seed=seed,
+                         callback=callback)
     wall = time.perf_counter() - t0
-    bpd = res.bpd(model.n)
-    mean, half = mean_ci(bpd)
-    terms = {k: float(bits_per_dim(v, model.n).mean()) for k, v in
-             {"recon": res.recon, "prior": res.prior, "diffusion": res.diffusion, "latent": res.latent}.items()}
+    columns = {"bpd": res.bpd(model.n), **{k: bits_per_dim(v, model.n) for k, v in
+                                           {"recon": res.recon, "prior": res.prior, "diffusion": res.diffusion,
+                                            "latent": res.latent}.items()}}
+    mean, half = mean_ci(columns["bpd"])
+    terms = {k: float(v.mean()) for k, v in columns.items() if k != "bpd"}
     summary = EvalSummary(
-        estimator="elbo", settings={"time_points": time_points, "time_sampling": "stratified",
-                                     "diffusion_loss": "discrete" if model.cfg.timesteps else "continuous",
-                                     "timesteps": model.cfg.timesteps, "seed": seed, "batch_size": batch_size,
-                                     **_ranks()},
-        split=data.split, images=int(images.shape[0]), subset=int(images.shape[0]) < len(data),
-        dataset=_fingerprint(data, images), bpd=float(mean), ci95=float(half), terms_bpd=terms,
-        latent_kl=res.latent_kl, latent_bpd=terms["latent"], wall_s=wall)
-    if out_dir is not None and distributed.world().main:
-        write_per_image(out_dir / f"eval-elbo-{data.split}.csv",
-                        {"bpd": bpd, **{k: bits_per_dim(v, model.n) for k, v in
-                                        {"recon": res.recon, "prior": res.prior, "diffusion": res.diffusion,
-                                         "latent": res.latent}.items()}})
-        write_summary(out_dir / f"eval-elbo-{data.split}.json", summary)
+        estimator="elbo", settings=_elbo_settings(model, time_points, seed), split=data.split,
+        images=int(images.shape[0]), subset=int(images.shape[0]) < len(data), dataset=_fingerprint(data, images),
+        bpd=float(mean), ci95=float(half), terms_bpd=terms, latent_kl=res.latent_kl, latent_bpd=terms["latent"],
+        wall_s=wall, checkpoint=checkpoint, step=step, weights=weights)
+    return summary, columns
+
+
+def evaluate_elbo(model: Diffusion, data: ImageDataset, *, time_points: int, batch_size: int, seed: int = 0,
+                  limit: int = 0, out_dir: Path | None = None, callback=None, checkpoint: str = "", step: int = 0,
+                  weights: str = "", overwrite: bool = False) -> EvalSummary:
+    """:func:`measure_elbo`, and with ``out_dir`` its files ``<stem>.csv`` (one row per image) and
+    ``<stem>.json`` (the summary), ``stem`` from :func:`report_stem`; existing files are refused before any
+    work unless ``overwrite``. ``checkpoint``, ``step`` and ``weights`` say which model this is (they go into
+    the summary and the name)."""
+    images = min(limit, len(data)) if limit > 0 else len(data)
+    stem = report_stem("elbo", data.split, images, images < len(data), _elbo_settings(model, time_points, seed),
+                       weights, step if checkpoint else None)
+    paths = _outputs(out_dir, stem, overwrite)
+    summary, columns = measure_elbo(model, data, time_points=time_points, batch_size=batch_size, seed=seed,
+                                    limit=limit, callback=callback, checkpoint=checkpoint, step=step,
+                                    weights=weights)
+    if paths is not None:
+        write_per_image(paths[0], columns)
+        write_summary(paths[1], summary)
     return summary
 
 
 def evaluate_ode(model: Diffusion, data: ImageDataset, ecfg: EvalConfig, *, seed: int = 0, limit: int = 0,
-                 out_dir: Path | None = None, callback=None) -> EvalSummary:
+                 out_dir: Path | None = None, callback=None, checkpoint: str = "", step: int = 0,
+                 weights: str = "", overwrite: bool = False) -> EvalSummary:
     """Exact likelihood bound from the probability-flow ODE with dequantization (SPEC "Exact NLL").
 
     Per image: -log P(x) <= -log mean_k [p_0(y_k) / q(y_k | x)] (K = ``dequant_samples``), y_k ~ q inside x's
     bin, log p_0 by the ODE with z fixed at the encoder's top-k; the strict latent KL is added.
+    Files, names and provenance as :func:`evaluate_elbo`. ``callback(images_done, images_total)`` is called
+    after every drift evaluation, ``images_done`` counting a batch in flight by how far its solves got in t.
     """
     from mulan.likelihood.dequantize import dequantized_nll
     from mulan.likelihood.ode import ode_log_likelihood
@@ -105,6 +181,15 @@ def evaluate_ode(model: Diffusion, data: ImageDataset, ecfg: EvalConfig, *, seed
     model = _in_eval_mode(model, dtype)
     images = data.images[:limit] if 0 < limit < len(data) else data.images
     world = distributed.world()
+    settings = {"rtol": ecfg.ode_rtol, "atol": ecfg.ode_atol, "method": ecfg.ode_method,
+                "divergence": ecfg.ode_divergence, "dtype": str(dtype).removeprefix("torch."),
+                "dequantization": ecfg.dequantization, "dequant_samples": ecfg.dequant_samples, "seed": seed,
+                "batch_size": ecfg.batch_size, **_ranks()}
+    if ecfg.ode_divergence == "hutchinson":
+        settings.update(probes=ecfg.ode_probes, probe_dist=ecfg.ode_probe_dist)
+    subset = int(images.shape[0]) < len(data)
+    paths = _outputs(out_dir, report_stem("ode", data.split, int(images.shape[0]), subset, settings, weights,
+                                          step if checkpoint else None), overwrite)
     # Under torchrun every rank solves its own shard with its own draws (so the draws depend on the rank count).
     gen = torch.Generator(model.device).manual_seed(seed + 1_000_003 * world.rank)
     nll, latent, nfes = [], [], []
@@ -115,11 +200,21 @@ def evaluate_ode(model: Diffusion, data: ImageDataset, ecfg: EvalConfig, *, seed
         with torch.no_grad():
             cond = model.condition(x, strict=True, generator=gen)
 
+        draws, reached = [0], [0.0]  # dequantization draws finished for this batch; how far in t the solve got
+
+        def on_eval(nfe: int, t: float, done=done, real=real, draws=draws, reached=reached) -> None:
+            # The solve runs from t = 0 to 1: count the batch's images by the furthest t evaluated so far (an
+            # adaptive solver also evaluates trial steps it then rejects; progress never goes backwards).
+            reached[0] = max(reached[0], min(t, 1.0))
+            if callback is not None:
+                callback(done + real * (draws[0] + reached[0]) / ecfg.dequant_samples, images.shape[0])
+
         def log_density(y):
             res = ode_log_likelihood(y, cond.eps_fn, cond.bound, rtol=ecfg.ode_rtol, atol=ecfg.ode_atol,
                                      method=ecfg.ode_method, divergence=ecfg.ode_divergence, probes=ecfg.ode_probes,
-                                     probe_dist=ecfg.ode_probe_dist, dtype=dtype, generator=gen)
+                                     probe_dist=ecfg.ode_probe_dist, dtype=dtype, generator=gen, callback=on_eval)
             nfes.append(res.nfe)
+            draws[0], reached[0] = draws[0] + 1, 0.0
             return res.logp
 
         batch_nll = dequantized_nll(x, model.num_values, log_density, cond.bound, kind=ecfg.dequantization,
@@ -134,21 +229,16 @@ def evaluate_ode(model: Diffusion, data: ImageDataset, ecfg: EvalConfig, *, seed
     flow, lat = bits_per_dim(torch.cat(nll), model.n), bits_per_dim(torch.cat(latent), model.n)
     bpd = flow + lat
     mean, half = mean_ci(bpd)
-    settings = {"rtol": ecfg.ode_rtol, "atol": ecfg.ode_atol, "method": ecfg.ode_method,
-                "divergence": ecfg.ode_divergence, "dtype": str(dtype).removeprefix("torch."),
-                "dequantization": ecfg.dequantization, "dequant_samples": ecfg.dequant_samples, "seed": seed,
-                "batch_size": ecfg.batch_size, **_ranks()}
-    if ecfg.ode_divergence == "hutchinson":
-        settings.update(probes=ecfg.ode_probes, probe_dist=ecfg.ode_probe_dist)
     summary = EvalSummary(
-        estimator="ode", settings=settings, split=data.split, images=int(images.shape[0]),
-        subset=int(images.shape[0]) < len(data), dataset=_fingerprint(data, images), bpd=float(mean), ci95=float(half),
+        estimator="ode", settings=settings, split=data.split, images=int(images.shape[0]), subset=subset,
+        dataset=_fingerprint(data, images), bpd=float(mean), ci95=float(half),
         terms_bpd={"flow": float(flow.mean()), "latent": float(lat.mean())},
-        latent_kl=cond.latent.kl_kind, latent_bpd=float(lat.mean()), wall_s=wall,
+        latent_kl=cond.latent.kl_kind, latent_bpd=float(lat.mean()), wall_s=wall, checkpoint=checkpoint,
+        step=step, weights=weights,
         extra={"mean_nfe": float(sum(nfes) / max(len(nfes), 1)), "images_per_s": images.shape[0] / wall})
-    if out_dir is not None and world.main:
-        write_per_image(out_dir / f"eval-ode-{data.split}.csv", {"bpd": bpd, "flow": flow, "latent": lat})
-        write_summary(out_dir / f"eval-ode-{data.split}.json", summary)
+    if paths is not None:
+        write_per_image(paths[0], {"bpd": bpd, "flow": flow, "latent": lat})
+        write_summary(paths[1], summary)
     return summary
 
 

@@ -134,8 +134,7 @@ def evaluate_bpd(model: Diffusion, data: ImageDataset, *, images: int, time_poin
     from mulan.likelihood.stats import mean_ci
 
     x = data.images[:images] if images > 0 else data.images
-    res = elbo_per_image(model, x, time_points=time_points, batch_size=batch_size,
-                         generator=torch.Generator(model.device).manual_seed(seed))
+    res = elbo_per_image(model, x, time_points=time_points, batch_size=batch_size, seed=seed)
     mean, half = mean_ci(res.bpd(model.n))
     return float(mean), float(half), int(x.shape[0])
 

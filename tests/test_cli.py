@@ -54,11 +54,13 @@ def trained_run(tmp_path_factory) -> Path:
 
 
 def test_train_writes_everything_a_run_promises(trained_run):
-    for name in ("config.json", "metrics.jsonl", "samples.png", "results.json", "eval-elbo-test.csv",
-                 "eval-elbo-test.json", "checkpoints/last.pt"):
+    stem = "eval-elbo-test-all-S2-seed0-ema-step3"  # README: estimator, split, count, settings, seed, weights, step
+    for name in ("config.json", "metrics.jsonl", "samples.png", "results.json", f"{stem}.csv", f"{stem}.json",
+                 "checkpoints/last.pt"):
         assert (trained_run / name).is_file(), name
-    summary = json.loads((trained_run / "eval-elbo-test.json").read_text())
-    rows = (trained_run / "eval-elbo-test.csv").read_text().strip().splitlines()[1:]
+    summary = json.loads((trained_run / f"{stem}.json").read_text())
+    assert summary["weights"] == "ema" and summary["step"] == 3 and summary["checkpoint"].endswith("last.pt")
+    rows = (trained_run / f"{stem}.csv").read_text().strip().splitlines()[1:]
     assert summary["images"] == len(rows) == 64 and summary["latent_kl"] == "strict"
     mean = sum(float(r.split(",")[1]) for r in rows) / len(rows)
     assert abs(mean - summary["bpd"]) < 1e-4

@@ -229,8 +229,11 @@ def test_terms_match_the_spec_equations(preset, timesteps):
     cond = model.condition(x)
     public = negative_elbo(model.encode(x), cond.eps_fn, cond.bound, t, x=x, num_values=17, timesteps=timesteps,
                            generator=torch.Generator().manual_seed(4))
+    assert type(public) is type(got)  # the same typed terms as the model's own
     for k in ("recon", "prior", "diffusion"):
         torch.testing.assert_close(getattr(got, k), want[k], rtol=1e-10, atol=1e-10, msg=k)
-        torch.testing.assert_close(public[k], want[k], rtol=1e-10, atol=1e-10, msg=k)
+        torch.testing.assert_close(getattr(public, k), want[k], rtol=1e-10, atol=1e-10, msg=k)
+    assert public.latent_kl == "none" and not public.latent.any()  # a latent's KL is the caller's to add
+    torch.testing.assert_close(public.total + cond.latent.kl, got.total, rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError):
         negative_elbo(model.encode(x), cond.eps_fn, cond.bound, t, x=x)  # discrete data without V

@@ -28,12 +28,12 @@ def test_ci_is_the_t_interval_of_the_per_image_rows_and_shrinks_with_more_images
     summaries = {}
     for n in (16, 256):
         s = summaries[n] = evaluate_elbo(model, test, time_points=2, batch_size=128, limit=n, out_dir=tmp_path / str(n))
-        bpd = [float(r["bpd"]) for r in _rows(tmp_path / str(n) / "eval-elbo-test.csv")]
+        bpd = [float(r["bpd"]) for r in _rows(tmp_path / str(n) / f"{s.stem}.csv")]
         assert s.subset and s.images == len(bpd) == n
         # the 95% interval of the mean of the rows, by scipy's one-sample t test (not the code under test)
         low, high = stats.ttest_1samp(bpd, 0.0).confidence_interval(0.95)
         assert abs(s.bpd - (low + high) / 2) < 1e-5 and abs(s.ci95 - (high - low) / 2) < 1e-5, (s.bpd, s.ci95, low, high)
-    sem = torch.tensor([float(r["bpd"]) for r in _rows(tmp_path / "16" / "eval-elbo-test.csv")]).std() / 4
+    sem = torch.tensor([float(r["bpd"]) for r in _rows(tmp_path / "16" / f"{summaries[16].stem}.csv")]).std() / 4
     assert abs(summaries[16].ci95 / float(sem) - 2.1314) < 1e-3  # t_{0.975, 15} from a printed table
     assert summaries[256].ci95 < summaries[16].ci95
     assert summaries[16].dataset["count"] == 16 and summaries[16].dataset["subset_of"]["count"] == len(test)
@@ -47,14 +47,14 @@ def test_ode_report_rows_average_to_the_summary(tmp_path):
             p.add_(0.02 * torch.randn_like(p))
     _, test = load_splits(cfg.data)
     s = evaluate_ode(model, test, cfg.eval, limit=6, out_dir=tmp_path)
-    rows = _rows(tmp_path / "eval-ode-test.csv")
+    rows = _rows(tmp_path / f"{s.stem}.csv")
     assert len(rows) == 6 == s.images
     bpd = torch.tensor([float(r["bpd"]) for r in rows])
     mean, half = mean_ci(bpd)
     assert abs(mean - s.bpd) < 1e-5 and abs(half - s.ci95) < 1e-4
     for r in rows:  # each row's parts add up to its total
         assert abs(float(r["flow"]) + float(r["latent"]) - float(r["bpd"])) < 1e-5
-    saved = json.loads((tmp_path / "eval-ode-test.json").read_text())
+    saved = json.loads((tmp_path / f"{s.stem}.json").read_text())
     assert saved["latent_kl"] == "strict" and saved["extra"]["mean_nfe"] > 0
     assert saved["settings"]["dequantization"] == "truncnorm" and saved["settings"]["rtol"] == 1e-3
 

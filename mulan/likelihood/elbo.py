@@ -9,10 +9,10 @@ import torch
 from torch import Tensor
 
 from mulan import distributed, rng
-from mulan.diffusion import (Diffusion, EpsFn, bits_per_dim, diffusion_loss, discrete_recon, encode,
+from mulan.diffusion import (Diffusion, ELBOTerms, EpsFn, bits_per_dim, diffusion_loss, discrete_recon, encode,
                              gaussian_recon, prior_kl)
 from mulan.distributed import World
-from mulan.rng import Generator, ShardedGenerator
+from mulan.rng import Generator
 from mulan.schedules import BoundSchedule
 
 
@@ -38,24 +38,33 @@ class ELBOResult:
 
 @torch.no_grad()
 def elbo_per_image(model: Diffusion, images: Tensor, *, time_points: int = 128, batch_size: int = 256,
-                   generator: torch.Generator | None = None,
+                   seed: int = 0, indices: Tensor | None = None,
                    callback: Callable[[int, int], None] | None = None, world: World | None = None) -> ELBOResult:
     """The negative ELBO of every image in ``images`` (N, C, H, W), integers in 0..V-1.
 
     Each image gets ``time_points`` times t_s = (u + s/S) mod 1, s = 0..S-1, with its own uniform u
-    (stratified); every term is averaged over them. The model is evaluated as it is (call ``.eval()``
-    first for the strict latent KL and no dropout). Under torchrun the images are sharded over the ranks
-    (``world``, default the job's) and every rank returns all results; with R ranks the draws equal those of
-    one process with R x ``batch_size``, except in a last, padded batch.
+    (stratified); every term is averaged over them. Every draw for image i (u, then per time point the
+    latent's, the decoder's and the diffusion noise) comes from its own generator seeded by (``seed``,
+    ``indices[i]``) (default: i), so an image's bound depends on nothing but the image, the model and the
+    seed: not on the batch size, the rank count or the other images. Two models evaluated with the same seed
+    see the same times and noise (common random numbers; see ``mulan compare``).
+
+    The model is evaluated as it is (call ``.eval()`` first for the strict latent KL and no dropout). Under
+    torchrun the images are sharded over the ranks (``world``, default the job's) and every rank returns all
+    results.
     """
     device = model.device
     world = world or distributed.world()
+    if time_points < 1:
+        raise ValueError(f"time_points must be >= 1, got {time_points}")
+    if indices is None:
+        indices = torch.arange(images.shape[0])
     sums: dict[str, list[Tensor]] = {"recon": [], "prior": [], "diffusion": [], "latent": []}
     kind = "none"
     done = 0
     for idx, real in world.batches(images.shape[0], batch_size):
         x = images[idx].to(device)
-        gen = ShardedGenerator(generator, world.rank, world.size) if world.distributed else generator
+        gen = rng.PerExample.seeded(seed, indices[idx], device)
         u = rng.rand((x.shape[0],), gen, device=device)
         acc = torch.zeros(len(sums), x.shape[0], dtype=torch.float64, device=device)
         for s in range(time_points):
@@ -72,14 +81,16 @@ def elbo_per_image(model: Diffusion, images: Tensor, *, time_points: int = 128, 
 
 
 def negative_elbo(x_tilde: Tensor, eps_fn: EpsFn, bound: BoundSchedule, t: Tensor, *, x: Tensor | None = None,
-                  num_values: int = 0, timesteps: int = 0, generator: Generator = None) -> dict[str, Tensor]:
+                  num_values: int = 0, timesteps: int = 0, generator: Generator = None) -> ELBOTerms:
     """The negative ELBO's terms (B,) in nats for any denoiser ``eps_fn(x_t, t)`` and schedule ``bound(t)``
     (e.g. ``model.condition(x)``'s, or your own), at diffusion times ``t`` (B,), one noise draw each.
 
-    Discrete data: pass the integers ``x`` and ``num_values`` V (VDM's discrete decoder; ``x_tilde`` must be
-    their encoding 2 (x + 1/2) / V - 1). Continuous data (``x`` None): the Gaussian decoder
-    N(x_tilde; x_0 / alpha_0, exp(gamma_0)), a bound on -log p(x_tilde) as a density. A latent's KL is not
-    included. Average over many ``t`` (e.g. stratified) for the expected bound.
+    Returns :class:`~mulan.diffusion.ELBOTerms`, the type :meth:`Diffusion.elbo_terms` returns: ``.recon``,
+    ``.prior``, ``.diffusion``, ``.total``. Discrete data: pass the integers ``x`` and ``num_values`` V (VDM's
+    discrete decoder; ``x_tilde`` must be their encoding 2 (x + 1/2) / V - 1). Continuous data (``x`` None): the
+    Gaussian decoder N(x_tilde; x_0 / alpha_0, exp(gamma_0)), a bound on -log p(x_tilde) as a density. A latent's
+    KL is not included (``.latent`` is zero, ``.latent_kl`` 'none'): add ``model.condition(x).latent.kl`` for
+    a model with a latent. Average over many ``t`` (e.g. stratified) for the expected bound.
     """
     batch = x_tilde.shape[0]
     zeros = torch.zeros(batch, dtype=x_tilde.dtype, device=x_tilde.device)
@@ -91,6 +102,7 @@ def negative_elbo(x_tilde: Tensor, eps_fn: EpsFn, bound: BoundSchedule, t: Tenso
         recon = discrete_recon(x, x_tilde, g0, values, generator)
     else:
         recon = gaussian_recon(x_tilde, g0, generator)
-    return {"recon": recon, "prior": prior_kl(x_tilde, g1),
-            "diffusion": diffusion_loss(x_tilde, t, bound, lambda x_t, s, g: eps_fn(x_t, s), timesteps=timesteps,
-                                        generator=generator)}
+    return ELBOTerms(recon=recon, prior=prior_kl(x_tilde, g1),
+                     diffusion=diffusion_loss(x_tilde, t, bound, lambda x_t, s, g: eps_fn(x_t, s),
+                                              timesteps=timesteps, generator=generator),
+                     latent=zeros, latent_kl="none")

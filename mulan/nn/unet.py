@@ -3,7 +3,8 @@
 x_t (+ Fourier features) -> conv_in -> ``num_blocks`` ResNet blocks, every activation kept for a skip ->
 ResNet, attention, ResNet -> ``num_blocks + 1`` ResNet blocks, each fed concat(h, skip) -> GroupNorm, swish,
 zero-initialised conv_out. Every ResNet block adds a projection of one conditioning embedding built from the
-time input and MuLAN's latent z.
+time input and MuLAN's latent z. With ``gamma_input='map'`` the per-pixel noise level (gamma rescaled to about
+[0, 1]) enters as C extra input channels beside x_t and its Fourier features.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class UNet(nn.Module):
             raise ConfigError(f"model.denoiser.groups ({cfg.groups}) must divide channels ({cfg.channels})")
         self.shape = tuple(shape)
         self.cond_dim = cond_dim
+        self.gamma_map = cfg.gamma_input == "map"
         self.fourier = (cfg.fourier_min, cfg.fourier_max)
         c, ch = shape[0], cfg.channels
         emb_dim = cfg.embedding_dim or 4 * ch  # VDM: 4 * n_embd
@@ -46,7 +48,7 @@ class UNet(nn.Module):
         def block(c_in: int) -> ResnetBlock:
             return ResnetBlock(c_in, ch, emb_dim, cfg.groups, cfg.dropout)
 
-        self.conv_in = conv3x3(c * (1 + 2 * n_freqs), ch)
+        self.conv_in = conv3x3(c * (1 + 2 * n_freqs + int(self.gamma_map)), ch)
         self.down = nn.ModuleList(block(ch) for _ in range(cfg.num_blocks))
         self.mid1 = block(ch)
         # VDM always has the middle attention; `cfg.attention` can drop it (VDM's per-block attention,
@@ -57,7 +59,7 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(cfg.groups, ch, eps=GROUPNORM_EPS)
         self.conv_out = conv3x3(ch, c, zero=True)  # VDM: zero init, so an untrained net outputs 0
 
-    def forward(self, x_t: Tensor, t_in: Tensor, cond: Tensor | None = None) -> Tensor:
+    def forward(self, x_t: Tensor, t_in: Tensor, cond: Tensor | None = None, gamma_map: Tensor | None = None) -> Tensor:
         """The raw network output (read as eps-hat or v-hat by the model).
 
         Args:
@@ -65,6 +67,8 @@ class UNet(nn.Module):
             t_in: (B,) (or a scalar) time input in [0, 1]: the model passes the pixel-mean of gamma rescaled
                 to [0, 1], as VDM does with its scalar gamma.
             cond: (B, cond_dim) extra conditioning (MuLAN's z), or None when ``cond_dim == 0``.
+            gamma_map: (B, C, H, W) (or broadcastable) per-pixel noise level, rescaled like ``t_in``; required
+                exactly when the network was built with ``gamma_input='map'``.
 
         Returns:
             (B, C, H, W), in the dtype the last convolution computes in.
@@ -81,7 +85,12 @@ class UNet(nn.Module):
             emb = torch.cat([emb, cond.reshape(batch, self.cond_dim).to(dtype)], dim=1)
         emb = self.embed(emb)  # (B, emb_dim)
 
-        h = self.conv_in(fourier_features(x_t, *self.fourier))
+        if (gamma_map is None) == self.gamma_map:
+            raise ValueError("gamma_map must be given exactly when the UNet was built with gamma_input='map'")
+        h = fourier_features(x_t, *self.fourier)
+        if gamma_map is not None:
+            h = torch.cat([h, gamma_map.to(h.dtype).expand_as(x_t)], dim=1)
+        h = self.conv_in(h)
         skips = [h]
         for block in self.down:
             h = block(h, emb)

@@ -9,6 +9,10 @@ then a per-pixel monotone function f(t) of those coefficients, normalised to fix
 f(0) and f(1) are computed by the same code as f(t), so t = 0 and t = 1 give r = 0 and r = 1 exactly, and
 :func:`_span` maps those to exactly gamma_min and gamma_max (also in float32).
 
+Learned end points (``cfg.learn_ends``, an addition to the paper, whose ends are fixed): gamma_min = b and
+gamma_max = b + |w| become parameters, as in learned VDM, either two scalars or one pair per pixel. r(t) is
+unchanged, so gamma(0) = b and gamma(1) = b + |w| hold exactly and the bound stays valid for any values.
+
 Ablations (SPEC "Ablations"): ``cfg.adaptive = False`` or ``latent_dim = 0`` feed the decoder a constant (zeros;
 its biases make that a learned constant) instead of z, computed once and broadcast over the batch;
 ``cfg.pixel_mean = True`` averages r and dr/dt over pixels, giving a scalar but still z-conditioned schedule.
@@ -45,9 +49,20 @@ class PixelSchedule(Schedule):
         self.latent_dim = int(latent_dim)
         self.adaptive = bool(cfg.adaptive) and self.latent_dim > 0
         self.pixel_mean = bool(cfg.pixel_mean)
-        self.per_pixel = not self.pixel_mean
+        self.learn_ends = cfg.learn_ends
+        self.per_pixel = not self.pixel_mean or self.learn_ends == "pixel"
         self.in_dim = max(self.latent_dim, 1)
         self.decoder = build_decoder(cfg, self.shape, self.in_dim, self.n_maps)
+        if self.learn_ends != "none":
+            ends_shape = self.shape if self.learn_ends == "pixel" else ()
+            self.b = nn.Parameter(torch.full(ends_shape, self.gamma_min))  # gamma(0)
+            self.w = nn.Parameter(torch.full(ends_shape, self.gamma_max - self.gamma_min))  # gamma(1) - gamma(0) = |w|
+
+    def ends(self) -> tuple[float | Tensor, float | Tensor]:
+        """(gamma(0), gamma(1)): the fixed ends as floats, or the learned ones (0-d or (C, H, W) tensors)."""
+        if self.learn_ends == "none":
+            return self.gamma_min, self.gamma_max
+        return self.b, self.b + self.w.abs()
 
     @abstractmethod
     def _coefficients(self, maps: Tensor) -> tuple[Tensor, ...]:
@@ -72,10 +87,11 @@ class PixelSchedule(Schedule):
             raise ValueError(f"expected z of shape ({batch}, {self.latent_dim}), got {tuple(z.shape)}")
         return z
 
-    def _span(self, r: Tensor) -> Tensor:
-        """gamma_min + (gamma_max - gamma_min) r, evaluated so that r = 0 and r = 1 are exact (like lerp)."""
-        d = self.gamma_max - self.gamma_min
-        return torch.where(r < 0.5, self.gamma_min + d * r, self.gamma_max - d * (1.0 - r))
+    @staticmethod
+    def _span(r: Tensor, g0: float | Tensor, g1: float | Tensor) -> Tensor:
+        """g0 + (g1 - g0) r, evaluated so that r = 0 and r = 1 give exactly g0 and g1 (like lerp)."""
+        d = g1 - g0
+        return torch.where(r < 0.5, g0 + d * r, g1 - d * (1.0 - r))
 
     def bind(self, z: Tensor | None, batch: int) -> BoundSchedule:
         coef = self._coefficients(self.decoder(self._decoder_input(z, batch)))
@@ -83,7 +99,8 @@ class PixelSchedule(Schedule):
         one = torch.ones(1, 1, 1, 1, dtype=dtype, device=coef[0].device)
         f0 = self._f(coef, torch.zeros_like(one))
         scale = self._f(coef, one) - f0  # f(1) - f(0) > 0
-        d = self.gamma_max - self.gamma_min
+        g0, g1 = (e.to(dtype) if isinstance(e, Tensor) else e for e in self.ends())
+        d = g1 - g0
 
         def at(t: Tensor) -> GammaOut:
             t = as_col(t).to(dtype)
@@ -94,7 +111,7 @@ class PixelSchedule(Schedule):
             dr_dt = (self._df(coef, t) / scale).expand(out_shape)
             if self.pixel_mean:
                 r, dr_dt = r.mean(dim=(1, 2, 3), keepdim=True), dr_dt.mean(dim=(1, 2, 3), keepdim=True)
-            return GammaOut(gamma=self._span(r), dgamma_dt=d * dr_dt)
+            return GammaOut(gamma=self._span(r, g0, g1), dgamma_dt=d * dr_dt)
 
         return at
 
