@@ -366,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     from mulan import compare, export
 
     export.register(sub)
-    compare.register(sub, _load_options)
+    compare.register(sub, _load_options, _load_model)
 
     ps = sub.add_parser("presets", help="list the named configurations, one line each")
     ps.set_defaults(func=cmd_presets)

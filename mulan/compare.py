@@ -136,11 +136,10 @@ def _evaluate(path: str, args) -> PerImage:
     import argparse
 
     from mulan import progress
-    from mulan.cli import _load_model
     from mulan.data import load_splits
     from mulan.report import measure_elbo
 
-    run = _load_model(argparse.Namespace(checkpoint=path, overrides=args.overrides, raw=args.raw),
+    run = args.load_model(argparse.Namespace(checkpoint=path, overrides=args.overrides, raw=args.raw),
                       (("--time-points", "eval.time_points", args.time_points),
                        ("--timesteps", "model.timesteps", args.timesteps)))
     train_set, test_set = load_splits(run.config.data)
@@ -195,9 +194,10 @@ def _finite(v):
     return None if isinstance(v, float) and not math.isfinite(v) else str(v)
 
 
-def register(sub, load_options) -> None:
+def register(sub, load_options, load_model) -> None:
     """Add the ``compare`` subcommand to the CLI's subparsers (``load_options``: the CLI's shared options of
-    commands that read a trained model)."""
+    commands that read a trained model; ``load_model``: its loader, handed down so this module does not import
+    the CLI that imports it)."""
     p = sub.add_parser("compare", help="paired difference of two models' bounds on the same images (A - B)",
                        description="A - B in bits/dim with a paired 95%% CI, per term too. A and B: two checkpoints "
                                    "or run folders (evaluated here with common random numbers: the same per-image "
@@ -214,4 +214,4 @@ def register(sub, load_options) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the per-image draws, shared by A and B")
     p.add_argument("--out", help="also write the comparison as JSON to this file")
     load_options(p, "an --out file")
-    p.set_defaults(func=cmd_compare)
+    p.set_defaults(func=cmd_compare, load_model=load_model)
