@@ -87,6 +87,9 @@ class DenoiserConfig:
     # what the network is told of the noise: 'mean' the pixel-mean of gamma (the paper, as VDM); 'map' also the
     # per-pixel gamma map, rescaled like the mean, as extra input channels
     gamma_input: Literal["mean", "map"] = "mean"
+    # two extra input channels holding each pixel's row and column in [-1, 1] (CoordConv). A control: a per-pixel
+    # gamma map also tells the network where each pixel is, which a U-Net without resampling hardly knows
+    position_input: bool = False
 
 
 @dataclass

@@ -103,3 +103,23 @@ def test_gamma_map_reaches_a_per_pixel_network():
     assert torch.isfinite(terms.total).all()
     with pytest.raises(ValueError, match="gamma_map must be given"):
         model.denoiser(torch.randn(1, 1, 8, 8), torch.zeros(1), torch.zeros(1, 8))
+
+
+def test_position_input_channels_hold_row_and_column():
+    """The control option: two channels with each pixel's row and column in [-1, 1], fed to the first conv."""
+    model = build_model(tiny("digits-vdm", "model.denoiser.position_input=true")).eval()
+    coords = model.denoiser.coords
+    assert coords.shape == (1, 2, 8, 8)
+    step = 2.0 / 7
+    for i in range(8):
+        torch.testing.assert_close(coords[0, 0, i], torch.full((8,), -1.0 + step * i))  # row i, every column
+        torch.testing.assert_close(coords[0, 1, :, i], torch.full((8,), -1.0 + step * i))  # column i, every row
+    assert model.denoiser.conv_in.in_channels == 1 + 2 * 2 + 2
+    perturb_like = [p for p in model.denoiser.parameters()]
+    with torch.no_grad():
+        for p in perturb_like:
+            p.add_(0.05 * torch.randn_like(p))
+        x_t, level = torch.randn(2, 1, 8, 8), torch.tensor([0.3, 0.6])
+        out = model.denoiser(x_t, level)
+        model.denoiser.coords.zero_()  # without the positions the output changes: the channels are used
+        assert not torch.allclose(model.denoiser(x_t, level), out)

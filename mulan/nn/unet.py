@@ -4,7 +4,8 @@ x_t (+ Fourier features) -> conv_in -> ``num_blocks`` ResNet blocks, every activ
 ResNet, attention, ResNet -> ``num_blocks + 1`` ResNet blocks, each fed concat(h, skip) -> GroupNorm, swish,
 zero-initialised conv_out. Every ResNet block adds a projection of one conditioning embedding built from the
 time input and MuLAN's latent z. With ``gamma_input='map'`` the per-pixel noise level (gamma rescaled to about
-[0, 1]) enters as C extra input channels beside x_t and its Fourier features.
+[0, 1]) enters as C extra input channels beside x_t and its Fourier features; with ``position_input`` two more
+channels hold each pixel's row and column in [-1, 1].
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ class UNet(nn.Module):
         self.shape = tuple(shape)
         self.cond_dim = cond_dim
         self.gamma_map = cfg.gamma_input == "map"
+        self.position = bool(cfg.position_input)
+        if self.position:
+            rows = torch.linspace(-1.0, 1.0, shape[1]).reshape(1, 1, -1, 1).expand(1, 1, shape[1], shape[2])
+            cols = torch.linspace(-1.0, 1.0, shape[2]).reshape(1, 1, 1, -1).expand(1, 1, shape[1], shape[2])
+            self.register_buffer("coords", torch.cat([rows, cols], 1), persistent=False)
         self.fourier = (cfg.fourier_min, cfg.fourier_max)
         c, ch = shape[0], cfg.channels
         emb_dim = cfg.embedding_dim or 4 * ch  # VDM: 4 * n_embd
@@ -48,7 +54,7 @@ class UNet(nn.Module):
         def block(c_in: int) -> ResnetBlock:
             return ResnetBlock(c_in, ch, emb_dim, cfg.groups, cfg.dropout)
 
-        self.conv_in = conv3x3(c * (1 + 2 * n_freqs + int(self.gamma_map)), ch)
+        self.conv_in = conv3x3(c * (1 + 2 * n_freqs + int(self.gamma_map)) + 2 * int(self.position), ch)
         self.down = nn.ModuleList(block(ch) for _ in range(cfg.num_blocks))
         self.mid1 = block(ch)
         # VDM always has the middle attention; `cfg.attention` can drop it (VDM's per-block attention,
@@ -90,6 +96,8 @@ class UNet(nn.Module):
         h = fourier_features(x_t, *self.fourier)
         if gamma_map is not None:
             h = torch.cat([h, gamma_map.to(h.dtype).expand_as(x_t)], dim=1)
+        if self.position:
+            h = torch.cat([h, self.coords.to(h.dtype).expand(batch, -1, -1, -1)], dim=1)
         h = self.conv_in(h)
         skips = [h]
         for block in self.down:
