@@ -7,7 +7,7 @@ PRESET ?= digits-mulan
 OUT    ?= runs/$(PRESET)-$(shell date +%Y%m%d-%H%M%S)
 BIN     = $(VENV)/bin
 
-.PHONY: run test install clean
+.PHONY: run test install clean fashion-data
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,11 @@ run: install
 # The test suite (two worker processes).
 test: install
 	$(BIN)/python -m pytest -n 2 -q tests
+
+# Fashion-MNIST (28x28, V = 256) for the fashion-* presets: Debian's package puts the IDX files in
+# /usr/share/datasets/fashion-mnist, where data.name=fashion-mnist looks (run as root, or with sudo).
+fashion-data:
+	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || apt-get install -y dataset-fashion-mnist
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
