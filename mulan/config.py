@@ -117,6 +117,7 @@ class TrainConfig:
     warmup_steps: int = 100
     ema_decay: float = 0.9999
     grad_clip: float = 1.0  # max global gradient norm (0: off)
+    schedule_lr_scale: float = 1.0  # the noise schedule's parameters learn at lr x this
     seed: int = 0
     log_every: int = 25
     eval_every: int = 0  # evaluate the held-out ELBO every this many steps (0: only at the end)
@@ -326,6 +327,8 @@ def validate(cfg: Config) -> Config:
     need(t.steps >= 0, f"train.steps must be >= 0, got {t.steps}")
     need(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
     need(t.lr > 0 and math.isfinite(t.lr), f"train.lr must be positive, got {t.lr}")
+    need(t.schedule_lr_scale > 0 and math.isfinite(t.schedule_lr_scale),
+         f"train.schedule_lr_scale must be positive, got {t.schedule_lr_scale}")
     need(0.0 <= t.beta1 < 1.0 and 0.0 <= t.beta2 < 1.0, "train.beta1 and train.beta2 must be in [0, 1)")
     need(t.weight_decay >= 0, "train.weight_decay must be >= 0")
     need(t.warmup_steps >= 0, "train.warmup_steps must be >= 0")

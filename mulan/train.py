@@ -69,6 +69,16 @@ def lr_at(step: int, cfg: Config) -> float:
     return cfg.train.lr * min(1.0, (step + 1) / w) if w > 0 else cfg.train.lr
 
 
+def param_groups(model: Diffusion, cfg: Config) -> list[dict]:
+    """The optimiser's parameter groups: one, or the schedule's apart when ``train.schedule_lr_scale`` != 1."""
+    scale = cfg.train.schedule_lr_scale
+    if scale == 1.0:
+        return [{"params": list(model.parameters())}]
+    schedule = {id(p) for p in model.schedule.parameters()}
+    return [{"params": [p for p in model.parameters() if id(p) not in schedule], "lr_scale": 1.0},
+            {"params": list(model.schedule.parameters()), "lr_scale": scale}]
+
+
 @dataclass
 class StepOut:
     loss_bpd: float  # negative ELBO of the batch, bits/dim
@@ -209,7 +219,7 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False,
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg).to(device)
     ema = EMA(model, cfg.train.ema_decay)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2),
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2),
                             weight_decay=cfg.train.weight_decay)
     start, best, bad_run = 0, float("inf"), 0
     if state is not None:
@@ -253,7 +263,7 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False,
     model.train()
     for step in range(start, cfg.train.steps):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
+            group["lr"] = lr_at(step, cfg) * group.get("lr_scale", 1.0)
         idx = batch_indices(len(images), cfg.train.batch_size, cfg.train.seed, step)
         idx = idx[world.rank * share:(world.rank + 1) * share].to(images.device)
         x = images[idx].to(device, non_blocking=True)

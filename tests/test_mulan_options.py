@@ -123,3 +123,23 @@ def test_position_input_channels_hold_row_and_column():
         out = model.denoiser(x_t, level)
         model.denoiser.coords.zero_()  # without the positions the output changes: the channels are used
         assert not torch.allclose(model.denoiser(x_t, level), out)
+
+
+def test_schedule_lr_scale_scales_only_the_schedules_steps():
+    """Adam's first step moves every parameter with a gradient by lr (|m_hat / sqrt(v_hat)| = 1), plus weight
+    decay: with the scale, the schedule's parameters move scale x as far, the others as before."""
+    from mulan.train import lr_at, param_groups, train_step
+
+    cfg = tiny("digits-mulan", "train.schedule_lr_scale=10", "train.weight_decay=0", "train.grad_clip=0")
+    model = build_model(cfg).train()
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.train.lr, weight_decay=0.0)
+    for group in opt.param_groups:
+        group["lr"] = lr_at(0, cfg) * group["lr_scale"]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train_step(model, opt, torch.randint(0, 17, (8, 1, 8, 8)), generator=torch.Generator().manual_seed(0),
+               grad_clip=0.0)
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters()}
+    lr = lr_at(0, cfg)
+    schedule = max(v for n, v in moved.items() if n.startswith("schedule."))
+    others = max(v for n, v in moved.items() if not n.startswith("schedule."))
+    assert abs(schedule - 10 * lr) < 1e-3 * lr and abs(others - lr) < 1e-3 * lr, (schedule / lr, others / lr)
