@@ -225,7 +225,11 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False,
     if state is not None:
         load_weights(model, state["model"], ckpt_dir / "last.pt")
         load_weights(ema.shadow, state["ema"], ckpt_dir / "last.pt", "EMA")
-        opt.load_state_dict(state["optimizer"])
+        try:
+            opt.load_state_dict(state["optimizer"])
+        except ValueError:  # parameter groups differ: schedule_lr_scale moved to or from 1
+            raise ConfigError("--resume: the optimiser state does not fit: train.schedule_lr_scale cannot move to "
+                              "or from 1 in a run") from None
         start, best = int(state["step"]), float(state.get("best_bpd", float("inf")))
     precision = cfg.train.precision
     if precision == "auto":
