@@ -1,0 +1,191 @@
+"""The ANS stack, through ``constriction`` (Bamler's coder library; nothing here is a hand-written coder).
+
+:class:`Stack` wraps ``constriction.stream.stack.AnsCoder`` (32-bit words, 64-bit state, models quantized
+to 24-bit probabilities with every symbol in range at least 2^-24) with the few operations the chain needs,
+each a *push* (encode) or a *pop* (decode) of a vector of symbols, and each the exact inverse of its
+counterpart: ``pop_x(...)`` undoes ``push_x(..., same params)`` and the other way round. Every vector is
+pushed with ``encode_reverse``, so the matching pop returns it in the same order.
+
+Gaussian symbols are grid indices j. A vector's quantized Gaussians are centred on o = round(mean) and span
+o - R .. o + R, R = ceil(RANGE_STDS * max std) for the whole vector (constriction fixes the range per
+call). A pop draws from that range. A push with ``escape`` (the model's reverse steps and the prior, which
+must accept any value a pop produced) codes |j - o| >= R as the edge symbol followed by the excess in an
+Elias-gamma code of uniform symbols, so a poor model costs bits, never correctness.
+"""
+
+from __future__ import annotations
+
+import math
+
+import constriction
+import numpy as np
+import torch
+from torch import Tensor
+
+from mulan.coding.transitions import Gaussian
+from mulan.errors import MulanError
+
+RANGE_STDS = 8.0  # half-width of a Gaussian's symbol range, in standard deviations of its widest member
+MAX_HALF_RANGE = 1 << 16  # 2^17 symbols keep the leaky floor's total mass below 1% at 24-bit precision
+MIN_STD = 1e-3  # grid units; constriction needs std > 0 (a narrower Gaussian is a point mass anyway)
+CHUNK_BITS = 16  # escape payloads are split into uniform symbols of at most this many bits
+# A pop right after a push would read the pushed symbol's position in its own distribution (the low bits
+# of the ANS state), which for a chain's latents is not uniform; popping a uniform "mixing" symbol first and
+# pushing it back afterwards makes the sampled latents draw from well-mixed bits, for free.
+MIX_SIZE = 1 << 16
+
+_model = constriction.stream.model
+
+
+class CodingError(MulanError):
+    """The model produced values the coder cannot use (non-finite), or the stream is inconsistent."""
+
+
+def _as_params(g: Gaussian) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(offset o, centred mean, std, R) of a vector of Gaussians in grid units."""
+    mean = g.mean.reshape(-1).to(torch.float64)
+    std = g.std.reshape(-1).to(torch.float64)
+    if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+        raise CodingError("the model produced non-finite values; this checkpoint cannot code these images")
+    offset = torch.round(mean)
+    std = std.clamp_min(MIN_STD)
+    half = int(min(MAX_HALF_RANGE, max(1, math.ceil(RANGE_STDS * float(std.max())))))
+    return offset.to(torch.int64).numpy(), (mean - offset).numpy(), std.numpy(), half
+
+
+class Stack:
+    """An ANS stack of 32-bit words. ``Stack(words)`` continues from ``words`` (a uint32 array)."""
+
+    def __init__(self, words: np.ndarray | None = None):
+        self.coder = constriction.stream.stack.AnsCoder(
+            None if words is None else np.ascontiguousarray(words, dtype=np.uint32))
+
+    def words(self) -> np.ndarray:
+        """The compressed words, bottom of the stack first."""
+        return self.coder.get_compressed()
+
+    @property
+    def bits(self) -> int:
+        """Size of the stack in bits (not rounded to words)."""
+        return int(self.coder.num_valid_bits())
+
+    # --- Gaussians on grids ------------------------------------------------------------------------------
+    def pop_gaussian(self, g: Gaussian) -> Tensor:
+        """Draw grid indices j ~ g from the stack (int64, g's shape), behind a mixing symbol."""
+        if g.mean.numel() == 0:
+            return torch.zeros(g.mean.shape, dtype=torch.int64)
+        offset, mean, std, half = _as_params(g)
+        mix = self.coder.decode(_model.Uniform(MIX_SIZE))
+        sym = self.coder.decode(_model.QuantizedGaussian(-half, half), mean, std)
+        self.coder.encode_reverse(mix, _model.Uniform(MIX_SIZE))
+        return torch.from_numpy(offset + sym.astype(np.int64)).reshape(g.mean.shape)
+
+    def push_gaussian(self, j: Tensor, g: Gaussian) -> None:
+        """Inverse of :meth:`pop_gaussian`: ``j`` must lie in the range g's pop draws from."""
+        if j.numel() == 0:
+            return
+        offset, mean, std, half = _as_params(g)
+        sym = j.reshape(-1).numpy() - offset
+        if np.abs(sym).max() > half:
+            raise CodingError("internal error: a symbol lies outside the range it was drawn from")
+        mix = self.coder.decode(_model.Uniform(MIX_SIZE))
+        self.coder.encode_reverse(sym.astype(np.int32), _model.QuantizedGaussian(-half, half), mean, std)
+        self.coder.encode_reverse(mix, _model.Uniform(MIX_SIZE))
+
+    def push_gaussian_escaped(self, j: Tensor, g: Gaussian) -> None:
+        """Push any integers ``j`` under g: values at or beyond the range's edge are escaped."""
+        if j.numel() == 0:
+            return
+        offset, mean, std, half = _as_params(g)
+        sym = j.reshape(-1).numpy() - offset
+        out = np.abs(sym) >= half
+        if out.any():
+            self._push_excess(np.abs(sym[out]) - half)  # popped after the main vector
+            sym = np.where(out, np.sign(sym) * half, sym)
+        self.coder.encode_reverse(sym.astype(np.int32), _model.QuantizedGaussian(-half, half), mean, std)
+
+    def pop_gaussian_escaped(self, g: Gaussian) -> Tensor:
+        """Inverse of :meth:`push_gaussian_escaped`."""
+        if g.mean.numel() == 0:
+            return torch.zeros(g.mean.shape, dtype=torch.int64)
+        offset, mean, std, half = _as_params(g)
+        sym = self.coder.decode(_model.QuantizedGaussian(-half, half), mean, std).astype(np.int64)
+        out = np.abs(sym) >= half
+        if out.any():
+            sym[out] = np.sign(sym[out]) * (half + self._pop_excess(int(out.sum())))
+        return torch.from_numpy(offset + sym).reshape(g.mean.shape)
+
+    def _push_excess(self, excess: np.ndarray) -> None:
+        """Elias-gamma of excess + 1: its bit length (uniform over 1..63), then the bits below the top one."""
+        value = excess.astype(np.uint64) + np.uint64(1)
+        nbits = np.array([int(v).bit_length() for v in value], dtype=np.int64)
+        sizes, chunks = [], []
+        for v, nb in zip(value, nbits):
+            rest, left = int(v) & ((1 << (int(nb) - 1)) - 1), int(nb) - 1
+            while left > 0:
+                take = min(CHUNK_BITS, left)
+                sizes.append(1 << take)
+                chunks.append(rest & ((1 << take) - 1))
+                rest >>= take
+                left -= take
+        if chunks:
+            self.coder.encode_reverse(np.array(chunks, dtype=np.int32), _model.Uniform(),
+                                      np.array(sizes, dtype=np.int32))
+        self.coder.encode_reverse((nbits - 1).astype(np.int32), _model.Uniform(),
+                                  np.full(len(nbits), 63, dtype=np.int32))
+
+    def _pop_excess(self, count: int) -> np.ndarray:
+        nbits = self.coder.decode(_model.Uniform(), np.full(count, 63, dtype=np.int32)).astype(np.int64) + 1
+        sizes = []
+        for nb in nbits:
+            left = int(nb) - 1
+            while left > 0:
+                take = min(CHUNK_BITS, left)
+                sizes.append(take)
+                left -= take
+        chunks = (self.coder.decode(_model.Uniform(), np.array([1 << s for s in sizes], dtype=np.int32))
+                  if sizes else np.zeros(0, dtype=np.int32))
+        out, pos = np.zeros(count, dtype=np.int64), 0
+        for i, nb in enumerate(nbits):
+            rest, shift, left = 0, 0, int(nb) - 1
+            while left > 0:
+                take = min(CHUNK_BITS, left)
+                rest |= int(chunks[pos]) << shift
+                pos, shift, left = pos + 1, shift + take, left - take
+            out[i] = ((1 << (int(nb) - 1)) | rest) - 1
+        return out
+
+    # --- categorical, uniform ------------------------------------------------------------------------------
+    def push_categorical(self, symbols: Tensor, probs: Tensor) -> None:
+        """Push ``symbols`` (N,) under rows of ``probs`` (N, K) (non-negative, any normalisation)."""
+        if symbols.numel() == 0:
+            return
+        p = _probabilities(probs)
+        self.coder.encode_reverse(symbols.reshape(-1).numpy().astype(np.int32),
+                                  _model.Categorical(perfect=False), p)
+
+    def pop_categorical(self, probs: Tensor) -> Tensor:
+        if probs.shape[0] == 0:
+            return torch.zeros(0, dtype=torch.int64)
+        p = _probabilities(probs)
+        return torch.from_numpy(self.coder.decode(_model.Categorical(perfect=False), p).astype(np.int64))
+
+    def push_uniform(self, symbols: Tensor, size: int) -> None:
+        """Push integers in 0..size-1, each costing log2(size) bits."""
+        if symbols.numel() == 0:
+            return
+        sizes = np.full(symbols.numel(), size, dtype=np.int32)
+        self.coder.encode_reverse(symbols.reshape(-1).numpy().astype(np.int32), _model.Uniform(), sizes)
+
+    def pop_uniform(self, count: int, size: int) -> Tensor:
+        if count == 0:
+            return torch.zeros(0, dtype=torch.int64)
+        sizes = np.full(count, size, dtype=np.int32)
+        return torch.from_numpy(self.coder.decode(_model.Uniform(), sizes).astype(np.int64))
+
+
+def _probabilities(probs: Tensor) -> np.ndarray:
+    p = probs.to(torch.float64)
+    if not torch.isfinite(p).all():
+        raise CodingError("the model produced non-finite probabilities; this checkpoint cannot code these images")
+    return np.ascontiguousarray(p.numpy())
