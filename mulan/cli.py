@@ -257,8 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=cmd_plot_schedule)
 
     from mulan import export
+    from mulan.coding import command as coding
 
     export.register(sub)
+    coding.register(sub)
 
     ps = sub.add_parser("presets", help="list the named configurations")
     ps.set_defaults(func=cmd_presets)
