@@ -37,8 +37,8 @@ def random_model(preset: str, *overrides: str, scale: float = 0.05, seed: int = 
 
 def round_trip(model, images, *, timesteps, batch, seed_images=1, budget=0.0, initial_words=4096):
     plan = Plan(chains=images.shape[0] - seed_images, timesteps=timesteps, batch=batch, budget=budget,
-                need=300.0, gain=200.0)
-    kw = dict(grid_bits=3, seed_images=seed_images, seed=5, initial_words=initial_words)
+                need=300.0, gain=200.0, grid_bits=3, pixels=model.n)
+    kw = dict(seed_images=seed_images, seed=5, initial_words=initial_words)
     enc = encode(model, images, plan, **kw)
     out = decode(model, enc.words, enc.shared_words, plan, shape=tuple(images.shape[1:]), count=images.shape[0], **kw)
     return enc, out, plan, kw
@@ -83,11 +83,22 @@ def test_round_trip_when_the_initial_message_runs_dry():
 # --- the pieces ----------------------------------------------------------------------------------------------
 
 def test_plan_starts_chains_as_the_stack_allows():
-    # length T + 2 = 3; a chain may start alone, or when (in flight + 1) * need <= budget + finished * gain
-    assert Plan(chains=3, timesteps=1, batch=2, budget=0.0, need=10.0, gain=10.0).starts().tolist() == [0, 3, 6]
-    assert Plan(chains=3, timesteps=1, batch=2, budget=0.0, need=10.0, gain=20.0).starts().tolist() == [0, 3, 3]
-    assert Plan(chains=5, timesteps=1, batch=2, budget=1e9, need=1.0, gain=1.0).starts().tolist() == [0, 0, 3, 3, 6]
-    plan = Plan(chains=40, timesteps=5, batch=4, budget=50.0, need=30.0, gain=12.0)
+    # length T + 2 = 3; a chain starts alone, or when the needs in flight plus its own fit in
+    # budget + finished * gain; need(k) = need + 2 n k
+    def plan(**kw):
+        return Plan(**{"chains": 3, "timesteps": 1, "batch": 2, "budget": 0.0, "need": 10.0, "gain": 10.0,
+                       "grid_bits": 0, "pixels": 1, **kw})
+
+    assert plan().starts().tolist() == [0, 3, 6]
+    assert plan(gain=20.0).starts().tolist() == [0, 3, 3]
+    assert plan(chains=5, budget=1e9).starts().tolist() == [0, 0, 3, 3, 6]
+    # alone, a chain takes the finest grid the stack covers: need(k) = 10, 14, 18 for k = 0, 1, 2
+    starts, bits = plan(batch=1, gain=15.0, grid_bits=2, pixels=2).layout()
+    assert starts.tolist() == [0, 3, 6] and bits.tolist() == [0, 1, 2]
+    # with others in flight, only at the finest grid
+    starts, bits = plan(chains=4, batch=3, budget=40.0, grid_bits=2, pixels=2).layout()
+    assert starts.tolist() == [0, 0, 3, 3] and bits.tolist() == [2, 2, 2, 2]
+    plan = Plan(chains=40, timesteps=5, batch=4, budget=50.0, need=30.0, gain=12.0, grid_bits=3, pixels=2)
     starts = plan.starts()
     for tau in range(plan.ticks()):
         lo, hi = in_flight(starts, plan.length, tau)
@@ -175,8 +186,8 @@ def test_coded_size_matches_the_discrete_time_bound():
                                       generator=gen)
                 bound += float(sum(v.sum() for v in terms.values())) / (T * draws)
                 diff += float(terms["diffusion"].sum()) / (T * draws)
-    plan = Plan(chains=N, timesteps=T, batch=N, budget=1e9, need=1.0, gain=1.0)
-    enc = encode(model, images, plan, grid_bits=4, seed_images=0, seed=0, initial_words=1 << 16)
+    plan = Plan(chains=N, timesteps=T, batch=N, budget=1e9, need=1.0, gain=1.0, grid_bits=4, pixels=model.n)
+    enc = encode(model, images, plan, seed_images=0, seed=0, initial_words=1 << 16)
     coded = enc.net_bits * math.log(2.0)  # nats
     sd = math.sqrt(2.0 * diff)
     assert bound > N * 16 * math.log(V)  # the bound bounds the true -log p = n log V of these images

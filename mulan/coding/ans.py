@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import constriction
 import numpy as np
@@ -26,12 +27,14 @@ from torch import Tensor
 from mulan.coding.transitions import Gaussian
 from mulan.errors import MulanError
 
-# Half-width of a vector's symbol range, in standard deviations of its widest member. Draws (pops) span
-# +-5.5 std: the Gaussian's mass beyond is 4e-8, and constriction's leaky floor (2^-24 for every symbol in
-# range) stays off all but the outermost symbols, so draws almost never land in a far tail (a latent drawn
-# many std off costs bits in every later step). Pushes under the model span +-8 std and escape beyond.
+# Half-width of a symbol range, in standard deviations. Every symbol in range gets at least 2^-24
+# (constriction's leaky floor), which costs about 2^-24 log2(e) bits per symbol whose Gaussian mass is
+# below that, on every push; measured for std 16: 1e-6 bits per symbol at +-5.5 std, 1e-5 at +-8 std,
+# 2e-5 at +-12 std (benchmarks/compression.py). At 64 pixels x 1000 steps x 2 operations per image, 1e-5
+# would be 1 bit per image. So draws and the model's pushes both span +-5.5 std (mass beyond: 4e-8), and
+# a pushed value beyond is escaped; draws almost never land in a far tail.
 DRAW_STDS = 5.5
-CODE_STDS = 8.0
+CODE_STDS = 5.5
 MAX_HALF_RANGE = 1 << 16  # 2^17 symbols keep the leaky floor's total mass below 1% at 24-bit precision
 MIN_STD = 1e-3  # grid units; constriction needs std > 0 (a narrower Gaussian is a point mass anyway)
 CHUNK_BITS = 16  # escape payloads are split into uniform symbols of at most this many bits
@@ -51,16 +54,36 @@ class CodingError(MulanError):
     """The model produced values the coder cannot use (non-finite), or the stream is inconsistent."""
 
 
-def _as_params(g: Gaussian, stds: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """(offset o, centred mean, std, R) of a vector of Gaussians in grid units."""
+@dataclass
+class _Part:
+    """Some elements of a vector of Gaussians whose standard deviations are within 2^(1/4) of each other,
+    coded in one constriction call over o - half .. o + half."""
+
+    idx: np.ndarray  # positions in the flattened vector
+    offset: np.ndarray  # o = round(mean), int64
+    mean: np.ndarray  # mean - o, in [-1/2, 1/2]
+    std: np.ndarray
+    half: int
+
+
+def _parts(g: Gaussian, stds: float) -> list[_Part]:
+    """A vector of Gaussians in grid units, split by width so every element's range is about +-stds of its
+    own standard deviation (constriction fixes one range per call; a range far wider than an element's
+    Gaussian costs bits through the leaky floor, see DRAW_STDS)."""
     mean = g.mean.reshape(-1).to(torch.float64)
     std = g.std.reshape(-1).to(torch.float64)
     if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
         raise CodingError("the model produced non-finite values; this checkpoint cannot code these images")
     offset = torch.round(mean)
-    std = std.clamp_min(MIN_STD)
-    half = int(min(MAX_HALF_RANGE, max(1, math.ceil(stds * float(std.max())))))
-    return offset.to(torch.int64).numpy(), (mean - offset).numpy(), std.numpy(), half
+    mean, offset = (mean - offset).numpy(), offset.to(torch.int64).numpy()
+    std = std.clamp_min(MIN_STD).numpy()
+    width = np.ceil(4.0 * np.log2(std)).astype(np.int64)
+    parts = []
+    for w in np.unique(width):
+        idx = np.flatnonzero(width == w)
+        half = int(min(MAX_HALF_RANGE, max(1, math.ceil(stds * float(std[idx].max())))))
+        parts.append(_Part(idx, offset[idx], mean[idx], std[idx], half))
+    return parts
 
 
 class Stack:
@@ -84,50 +107,51 @@ class Stack:
         """Draw grid indices j ~ g from the stack (int64, g's shape), each at a rotated quantile (see
         ``ROTATION``): the 24-bit quantiles on top of the stack are popped, shifted by fixed pseudo-random
         amounts and pushed back, then the symbols are decoded from them."""
-        if g.mean.numel() == 0:
-            return torch.zeros(g.mean.shape, dtype=torch.int64)
-        offset, mean, std, half = _as_params(g, DRAW_STDS)
-        full, shift = _rotation(len(mean))
-        u = self.coder.decode(_model.Uniform(), full).astype(np.int64)
-        self.coder.encode_reverse(((u + shift) % QUANTILES).astype(np.int32), _model.Uniform(), full)
-        sym = self.coder.decode(_model.QuantizedGaussian(-half, half), mean, std)
-        return torch.from_numpy(offset + sym.astype(np.int64)).reshape(g.mean.shape)
+        out = np.zeros(g.mean.numel(), dtype=np.int64)
+        for part in _parts(g, DRAW_STDS):
+            full, shift = _rotation(len(part.idx))
+            u = self.coder.decode(_model.Uniform(), full).astype(np.int64)
+            self.coder.encode_reverse(((u + shift) % QUANTILES).astype(np.int32), _model.Uniform(), full)
+            sym = self.coder.decode(_model.QuantizedGaussian(-part.half, part.half), part.mean, part.std)
+            out[part.idx] = part.offset + sym.astype(np.int64)
+        return torch.from_numpy(out).reshape(g.mean.shape)
 
     def push_gaussian(self, j: Tensor, g: Gaussian) -> None:
         """Inverse of :meth:`pop_gaussian`: ``j`` must lie in the range g's pop draws from."""
-        if j.numel() == 0:
-            return
-        offset, mean, std, half = _as_params(g, DRAW_STDS)
-        sym = j.reshape(-1).numpy() - offset
-        if np.abs(sym).max() > half:
-            raise CodingError("internal error: a symbol lies outside the range it was drawn from")
-        full, shift = _rotation(len(mean))
-        self.coder.encode_reverse(sym.astype(np.int32), _model.QuantizedGaussian(-half, half), mean, std)
-        u = self.coder.decode(_model.Uniform(), full).astype(np.int64)
-        self.coder.encode_reverse(((u - shift) % QUANTILES).astype(np.int32), _model.Uniform(), full)
+        flat = j.reshape(-1).numpy()
+        for part in reversed(_parts(g, DRAW_STDS)):
+            sym = flat[part.idx] - part.offset
+            if np.abs(sym).max() > part.half:
+                raise CodingError("internal error: a symbol lies outside the range it was drawn from")
+            full, shift = _rotation(len(part.idx))
+            self.coder.encode_reverse(sym.astype(np.int32), _model.QuantizedGaussian(-part.half, part.half),
+                                      part.mean, part.std)
+            u = self.coder.decode(_model.Uniform(), full).astype(np.int64)
+            self.coder.encode_reverse(((u - shift) % QUANTILES).astype(np.int32), _model.Uniform(), full)
 
     def push_gaussian_escaped(self, j: Tensor, g: Gaussian) -> None:
         """Push any integers ``j`` under g: values at or beyond the range's edge are escaped."""
-        if j.numel() == 0:
-            return
-        offset, mean, std, half = _as_params(g, CODE_STDS)
-        sym = j.reshape(-1).numpy() - offset
-        out = np.abs(sym) >= half
-        if out.any():
-            self._push_excess(np.abs(sym[out]) - half)  # popped after the main vector
-            sym = np.where(out, np.sign(sym) * half, sym)
-        self.coder.encode_reverse(sym.astype(np.int32), _model.QuantizedGaussian(-half, half), mean, std)
+        flat = j.reshape(-1).numpy()
+        for part in _parts(g, CODE_STDS):
+            sym = flat[part.idx] - part.offset
+            out = np.abs(sym) >= part.half
+            if out.any():
+                self._push_excess(np.abs(sym[out]) - part.half)  # popped after the main vector
+                sym = np.where(out, np.sign(sym) * part.half, sym)
+            self.coder.encode_reverse(sym.astype(np.int32), _model.QuantizedGaussian(-part.half, part.half),
+                                      part.mean, part.std)
 
     def pop_gaussian_escaped(self, g: Gaussian) -> Tensor:
         """Inverse of :meth:`push_gaussian_escaped`."""
-        if g.mean.numel() == 0:
-            return torch.zeros(g.mean.shape, dtype=torch.int64)
-        offset, mean, std, half = _as_params(g, CODE_STDS)
-        sym = self.coder.decode(_model.QuantizedGaussian(-half, half), mean, std).astype(np.int64)
-        out = np.abs(sym) >= half
-        if out.any():
-            sym[out] = np.sign(sym[out]) * (half + self._pop_excess(int(out.sum())))
-        return torch.from_numpy(offset + sym).reshape(g.mean.shape)
+        result = np.zeros(g.mean.numel(), dtype=np.int64)
+        for part in reversed(_parts(g, CODE_STDS)):
+            sym = self.coder.decode(_model.QuantizedGaussian(-part.half, part.half), part.mean,
+                                    part.std).astype(np.int64)
+            out = np.abs(sym) >= part.half
+            if out.any():
+                sym[out] = np.sign(sym[out]) * (part.half + self._pop_excess(int(out.sum())))
+            result[part.idx] = part.offset + sym
+        return torch.from_numpy(result).reshape(g.mean.shape)
 
     def _push_excess(self, excess: np.ndarray) -> None:
         """Elias-gamma of excess + 1: its bit length (uniform over 1..63), then the bits below the top one."""

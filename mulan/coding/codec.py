@@ -59,10 +59,10 @@ class ChainCoder:
     image ``first + c``.
     """
 
-    def __init__(self, model: Diffusion, stack: Stack, images: Tensor, *, timesteps: int, grid_bits: int,
+    def __init__(self, model: Diffusion, stack: Stack, images: Tensor, *, timesteps: int, grid_bits: np.ndarray,
                  first: int, ledger: Ledger | None = None):
         self.model, self.stack, self.images = model, stack, images
-        self.T, self.k, self.first = timesteps, grid_bits, first
+        self.T, self.grid_bits, self.first = timesteps, torch.as_tensor(grid_bits, dtype=torch.float64), first
         self.kind = model.cfg.latent.kind
         self.ledger = ledger
         self.j: dict[int, Tensor] = {}  # chain -> grid indices of its current latent (C, H, W) int64
@@ -70,6 +70,10 @@ class ChainCoder:
         self.jz: dict[int, Tensor] = {}  # Gaussian latent: chain -> grid indices of z
 
     # --- shared pieces -------------------------------------------------------------------------------------
+    def _k(self, chains: list[int]) -> Tensor:
+        """Grid bits of each chain, (B, 1, 1, 1)."""
+        return self.grid_bits[torch.tensor(chains, dtype=torch.int64)].reshape(-1, 1, 1, 1)
+
     def _z(self, chains: list[int]) -> Tensor | None:
         return torch.stack([self.z[c] for c in chains]) if self.kind != "none" else None
 
@@ -130,7 +134,7 @@ class ChainCoder:
         self._spend("latent", b)
         steps = torch.zeros(len(chains), dtype=torch.int64)
         g0, g1 = self._gammas(chains, steps, (0, 1))
-        width0 = tr.grid_width(g0, g0, g1, self.k, first=True)
+        width0 = tr.grid_width(g0, g0, g1, self._k(chains), first=True)
         x_tilde = x_tilde.detach().to("cpu", torch.float64)
         q = tr.q_first(x_tilde, g0, width0)
         b = self.stack.bits
@@ -153,7 +157,7 @@ class ChainCoder:
         model, rows = self.model, self._rows(chains)
         steps = torch.zeros(len(chains), dtype=torch.int64)
         g0, g1 = self._gammas(chains, steps, (0, 1))
-        width0 = tr.grid_width(g0, g0, g1, self.k, first=True)
+        width0 = tr.grid_width(g0, g0, g1, self._k(chains), first=True)
         j0 = torch.stack([self.j.pop(c) for c in chains])
         probs = self._decoder_probs(j0 * width0, g0)
         x = self.stack.pop_categorical(probs).reshape(len(chains), *model.shape)
@@ -173,8 +177,9 @@ class ChainCoder:
     def _step_grids(self, chains: list[int], steps: Tensor):
         g_pp, g_p, g, g_n = self._gammas(chains, steps, (-2, -1, 0, 1))
         col = (-1, 1, 1, 1)
-        width_prev = tr.grid_width(g_pp, g_p, g, self.k, first=(steps == 1).reshape(col))
-        width = tr.grid_width(g_p, g, g_n, self.k, last=(steps == self.T).reshape(col))
+        k = self._k(chains)
+        width_prev = tr.grid_width(g_pp, g_p, g, k, first=(steps == 1).reshape(col))
+        width = tr.grid_width(g_p, g, g_n, k, last=(steps == self.T).reshape(col))
         return g_p, g, width_prev, width
 
     def encode_steps(self, chains: list[int], steps: Tensor) -> None:
@@ -214,7 +219,7 @@ class ChainCoder:
     def _last_width(self, chains: list[int]) -> Tensor:
         steps = torch.full((len(chains),), self.T, dtype=torch.int64)
         g_p, g = self._gammas(chains, steps, (-1, 0))
-        return tr.grid_width(g_p, g, g, self.k, last=True)
+        return tr.grid_width(g_p, g, g, self._k(chains), last=True)
 
     def encode_end(self, chains: list[int]) -> None:
         width = self._last_width(chains)
@@ -279,7 +284,7 @@ class ChainCoder:
 def run_ticks(coder: ChainCoder, plan: Plan, *, decode: bool, callback: Callback | None = None) -> None:
     """Run the plan's ticks forwards (encode) or backwards (decode)."""
     starts = plan.starts()
-    total, length, T = plan.ticks(), plan.length, plan.timesteps
+    total, length, T = int(starts[-1]) + plan.length, plan.length, plan.timesteps
     order = range(total - 1, -1, -1) if decode else range(total)
     for done, tau in enumerate(order, 1):
         lo, hi = in_flight(starts, length, tau)
@@ -319,8 +324,8 @@ class Encoded:
 
 
 @torch.no_grad()
-def encode(model: Diffusion, images: Tensor, plan: Plan, *, grid_bits: int, seed_images: int, seed: int,
-           initial_words: int, ledger: bool = False, callback: Callback | None = None) -> Encoded:
+def encode(model: Diffusion, images: Tensor, plan: Plan, *, seed_images: int, seed: int, initial_words: int,
+           ledger: bool = False, callback: Callback | None = None) -> Encoded:
     """Code ``images`` (N, C, H, W) integers; images[:seed_images] uniformly, the rest by bits-back."""
     init = initial_message(seed, initial_words)
     stack = Stack(init)
@@ -332,8 +337,8 @@ def encode(model: Diffusion, images: Tensor, plan: Plan, *, grid_bits: int, seed
     if book is not None:
         book.spend("seed", stack.bits - start_bits)
         book.charge("seed", torch.arange(seed_images), torch.full((seed_images, 1), model.n * math.log2(model.num_values)))
-    coder = ChainCoder(model, stack, images, timesteps=plan.timesteps, grid_bits=grid_bits, first=seed_images,
-                       ledger=book)
+    coder = ChainCoder(model, stack, images, timesteps=plan.timesteps, grid_bits=plan.layout()[1],
+                       first=seed_images, ledger=book)
     _track_low(stack, low)
     run_ticks(coder, plan, decode=False, callback=callback)
     words = stack.words()
@@ -357,14 +362,14 @@ def _track_low(stack: Stack, low: list[int]) -> None:
 
 @torch.no_grad()
 def decode(model: Diffusion, words: np.ndarray, shared_words: int, plan: Plan, *, shape: tuple[int, ...],
-           count: int, grid_bits: int, seed_images: int, seed: int, initial_words: int,
-           callback: Callback | None = None) -> Tensor:
+           count: int, seed_images: int, seed: int, initial_words: int, callback: Callback | None = None) -> Tensor:
     """Inverse of :func:`encode`: the ``count`` images (uint8 or int64, (count, C, H, W))."""
     init = initial_message(seed, initial_words)
     stack = Stack(np.concatenate([init[:shared_words], words]))
     dtype = torch.uint8 if model.num_values <= 256 else torch.int64
     images = torch.zeros((count, *shape), dtype=dtype)
-    coder = ChainCoder(model, stack, images, timesteps=plan.timesteps, grid_bits=grid_bits, first=seed_images)
+    coder = ChainCoder(model, stack, images, timesteps=plan.timesteps, grid_bits=plan.layout()[1],
+                       first=seed_images)
     run_ticks(coder, plan, decode=True, callback=callback)
     seed_part = stack.pop_uniform(seed_images * model.n, model.num_values)
     images[:seed_images] = seed_part.reshape(seed_images, *shape).to(dtype)

@@ -143,15 +143,15 @@ def compress(checkpoint: str | Path, out: str | Path, *, source: str | None = No
     if images.shape[0] == 0:
         raise DataError("no images to compress")
     t0 = time.perf_counter()
-    est = estimate(model, images, timesteps, grid_bits, generator=torch.Generator().manual_seed(seed))
+    est = estimate(model, images, timesteps, generator=torch.Generator().manual_seed(seed))
     m = est.seed_images if seed_images < 0 else min(seed_images, images.shape[0])
     budget = container.f32(m * model.n * np.log2(model.num_values))
     plan = Plan(chains=images.shape[0] - m, timesteps=timesteps, batch=batch, budget=budget,
-                need=container.f32(est.need), gain=container.f32(est.gain))
+                need=container.f32(est.need), gain=container.f32(est.gain), grid_bits=grid_bits, pixels=model.n)
     bar, update = _progress(progress, "compress")
     try:
-        enc = encode(model, images, plan, grid_bits=grid_bits, seed_images=m, seed=seed,
-                     initial_words=INITIAL_WORDS, ledger=ledger, callback=update)
+        enc = encode(model, images, plan, seed_images=m, seed=seed, initial_words=INITIAL_WORDS, ledger=ledger,
+                     callback=update)
     finally:
         bar.close()
     header = Header(sha, container.config_hash(cfg), tuple(cfg.data.shape), model.num_values, timesteps,
@@ -192,12 +192,13 @@ def decompress(checkpoint: str | Path, file: str | Path, out: str | Path, *, dev
                           f"{header.num_values}); write an .npz file instead")
     torch.set_num_threads(header.threads)
     plan = Plan(chains=header.images - header.seed_images, timesteps=header.timesteps, batch=header.batch,
-                budget=header.budget, need=header.need, gain=header.gain)
+                budget=header.budget, need=header.need, gain=header.gain, grid_bits=header.grid_bits,
+                pixels=int(np.prod(header.shape)))
     bar, update = _progress(progress, "decompress")
     try:
         images = decode(model, words, header.shared_words, plan, shape=header.shape, count=header.images,
-                        grid_bits=header.grid_bits, seed_images=header.seed_images, seed=header.seed,
-                        initial_words=header.initial_words, callback=update)
+                        seed_images=header.seed_images, seed=header.seed, initial_words=header.initial_words,
+                        callback=update)
     except (KeyboardInterrupt, SystemExit, MulanError):
         raise
     except BaseException as e:  # constriction signals an impossible stream with a Rust panic
@@ -249,7 +250,8 @@ def register(sub) -> None:
     c.add_argument("--timesteps", type=int, default=DEFAULT_TIMESTEPS, help="T: steps of the coded chain")
     c.add_argument("--grid-bits", type=int, default=DEFAULT_GRID_BITS,
                    help="latents on grids 2^-k of their standard deviations (finer: closer to the bound, "
-                        "more initial bits)")
+                        "fewer images in flight); the first images use coarser grids until the stack holds "
+                        "enough bits")
     c.add_argument("--batch", type=int, default=DEFAULT_BATCH, help="most images in flight (and per network call)")
     c.add_argument("--seed-images", type=int, default=-1,
                    help="images stored uniformly first to feed the first chains (default: chosen)")

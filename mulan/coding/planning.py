@@ -3,12 +3,13 @@
 - ``gain``: bits a finished chain leaves on the stack, about its negative ELBO at T steps; estimated with a
   few time points per image (``negative_elbo`` at ``timesteps=T``) plus the latent's cost, then lowered by
   10% so the pipeline rarely outruns the stack.
-- ``need``: the most a chain borrows at once, max_i (H(x_{i-1}) + H(x_i)) over its steps, where H(x_i) is
-  the entropy of q(x_i | .) on x_i's grid; computed from one image's schedule (the grid is set relative to
-  each step's standard deviations, so every image's need is close to it).
-- ``seed_images``: the first chain must borrow ``need`` bits; pushing M images first under the uniform
-  distribution puts M n log2 V bits on the stack for M (n log2 V - gain) bits more than bits-back would
-  have cost them. M minimises M (n log2 V - gain) + max(0, need - M n log2 V).
+- ``need``: the most a chain on grids 2^0 of its standard deviations borrows at once,
+  max_i (H(x_{i-1}) + H(x_i)) over its steps, where H(x_i) is the entropy of q(x_i | .) on x_i's grid;
+  computed from one image's schedule (the grid is set relative to each step's standard deviations, so
+  every image's need is close to it). Each grid bit adds 2n.
+- ``seed_images``: the first chain (on the coarsest grid, k = 0) must borrow ``need`` bits; pushing M
+  images first under the uniform distribution puts M n log2 V bits on the stack for M (n log2 V - gain)
+  bits more than bits-back would have cost them. M minimises M (n log2 V - gain) + max(0, need - M n log2 V).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ TIME_POINTS = 4  # per image, for the gain estimate
 class Estimates:
     gain: float  # bits per image, estimated (with the margin)
     bits_per_image: float  # bits per image, estimated (without it)
-    need: float  # bits a chain in flight borrows at most
+    need: float  # bits a chain in flight on grids 2^0 borrows at most
     seed_images: int  # images to push uniformly first
 
 
@@ -86,11 +87,11 @@ def choose_seed_images(count: int, n: int, num_values: int, bits: float, need: f
     return best
 
 
-def estimate(model: Diffusion, images: Tensor, timesteps: int, grid_bits: int, *,
+def estimate(model: Diffusion, images: Tensor, timesteps: int, *,
              generator: torch.Generator | None = None) -> Estimates:
-    """All of the above for coding ``images`` at T steps with grids 2^-grid_bits."""
+    """All of the above for coding ``images`` at T steps."""
     bits = bits_per_image(model, images, timesteps, generator=generator)
-    need = chain_need(model, images[0], timesteps, grid_bits)
+    need = chain_need(model, images[0], timesteps, 0)
     seed = choose_seed_images(images.shape[0], model.n, model.num_values, bits, need)
     return Estimates(gain=GAIN_MARGIN * max(bits, 1.0), bits_per_image=bits, need=need, seed_images=seed)
 
