@@ -319,8 +319,13 @@ class Encoded:
     words: np.ndarray  # the stack's words above the untouched bottom of the initial message (uint32)
     shared_words: int  # words of the initial message below them (not stored: the decoder regenerates them)
     net_bits: int  # the stack's growth: every image's bits, without the initial message
-    borrowed_bits: int  # the deepest the stack went below its starting size: initial bits consumed
     ledger: Ledger | None
+
+    @property
+    def initial_bits(self) -> int:
+        """What the stored words carry beyond the net growth: the consumed part of the initial message (what
+        the first chains borrowed), the 64-bit ANS state and the rounding to whole words."""
+        return 32 * len(self.words) - self.net_bits
 
 
 @torch.no_grad()
@@ -331,7 +336,6 @@ def encode(model: Diffusion, images: Tensor, plan: Plan, *, seed_images: int, se
     stack = Stack(init)
     start_bits = stack.bits
     book = Ledger(images.shape[0]) if ledger else None
-    low = [start_bits]
     seed_part = images[:seed_images].reshape(-1).to(torch.int64)
     stack.push_uniform(seed_part, model.num_values)
     if book is not None:
@@ -339,25 +343,10 @@ def encode(model: Diffusion, images: Tensor, plan: Plan, *, seed_images: int, se
         book.charge("seed", torch.arange(seed_images), torch.full((seed_images, 1), model.n * math.log2(model.num_values)))
     coder = ChainCoder(model, stack, images, timesteps=plan.timesteps, grid_bits=plan.layout()[1],
                        first=seed_images, ledger=book)
-    _track_low(stack, low)
     run_ticks(coder, plan, decode=False, callback=callback)
     words = stack.words()
     shared = common_prefix(words, init)
-    return Encoded(words=words[shared:].copy(), shared_words=shared, net_bits=stack.bits - start_bits,
-                   borrowed_bits=max(0, start_bits - low[0]), ledger=book)
-
-
-def _track_low(stack: Stack, low: list[int]) -> None:
-    """Wrap the stack's pops so ``low[0]`` follows the smallest size it reaches (pops only shrink it)."""
-    for name in ("pop_gaussian", "pop_gaussian_escaped", "pop_categorical", "pop_uniform"):
-        method = getattr(stack, name)
-
-        def wrapped(*args, _method=method, **kwargs):
-            out = _method(*args, **kwargs)
-            low[0] = min(low[0], stack.bits)
-            return out
-
-        setattr(stack, name, wrapped)
+    return Encoded(words=words[shared:].copy(), shared_words=shared, net_bits=stack.bits - start_bits, ledger=book)
 
 
 @torch.no_grad()

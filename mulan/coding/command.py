@@ -132,10 +132,15 @@ def _progress(enabled: bool, what: str):
 def compress(checkpoint: str | Path, out: str | Path, *, source: str | None = None, split: str = "test",
              limit: int = 0, timesteps: int = DEFAULT_TIMESTEPS, grid_bits: int = DEFAULT_GRID_BITS,
              batch: int = DEFAULT_BATCH, seed_images: int = -1, seed: int = 0, device: str = "cpu",
-             progress: bool = False, ledger: bool = False) -> Compressed:
-    """Code images into ``out``; see the module docstring. ``seed_images`` -1 chooses it."""
+             threads: int = 0, progress: bool = False, ledger: bool = False) -> Compressed:
+    """Code images into ``out``; see the module docstring. ``seed_images`` -1 chooses it; ``threads`` 0 keeps
+    torch's thread count (the file records it: decompress runs the network with the same count)."""
     out = Path(out)
     _check_output(out)
+    if threads < 0 or threads > 255:
+        raise MulanError("--threads must be in 0..255")
+    if threads:
+        torch.set_num_threads(threads)
     if timesteps < 1 or not 0 <= grid_bits <= 12 or batch < 1 or batch > 65535:
         raise MulanError("--timesteps must be >= 1, --grid-bits in 0..12 and --batch in 1..65535")
     model, cfg, sha = load_model(checkpoint, device)
@@ -256,6 +261,8 @@ def register(sub) -> None:
     c.add_argument("--seed-images", type=int, default=-1,
                    help="images stored uniformly first to feed the first chains (default: chosen)")
     c.add_argument("--limit", type=int, default=0, help="only the first N images")
+    c.add_argument("--threads", type=int, default=0,
+                   help="torch threads (default: torch's); decompress uses the same count")
     c.add_argument("--device", default="cpu")
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=cmd_compress)
@@ -272,13 +279,13 @@ def register(sub) -> None:
 def cmd_compress(args) -> None:
     r = compress(args.checkpoint, args.out, source=args.input, split=args.split, limit=args.limit,
                  timesteps=args.timesteps, grid_bits=args.grid_bits, batch=args.batch, seed_images=args.seed_images,
-                 device=args.device, progress=not args.no_progress)
+                 device=args.device, threads=args.threads, progress=not args.no_progress)
     h, n = r.header, r.header.images * int(np.prod(r.header.shape))
     bpd = 8 * r.file_bytes / n
     print(f"compressed {h.images} images ({'x'.join(map(str, h.shape))}, V={h.num_values}) into {r.path}: "
           f"{r.file_bytes} bytes = {bpd:.4f} bits/dim (header {container.HEADER_BYTES} bytes)")
     print(f"payload {r.payload_bits} bits = {r.payload_bits / n:.4f} bits/dim, of which initial bits "
-          f"{r.payload_bits - r.encoded.net_bits}; without them {r.encoded.net_bits / n:.4f} bits/dim; "
+          f"{r.encoded.initial_bits}; without them {r.encoded.net_bits / n:.4f} bits/dim; "
           f"T={h.timesteps}, grid 2^-{h.grid_bits}, {h.seed_images} seed image(s); {h.images / r.seconds:.2f} images/s")
 
 
