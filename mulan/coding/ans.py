@@ -82,6 +82,9 @@ def _parts(g: Gaussian, stds: float) -> list[_Part]:
     mean, offset = (mean - offset).numpy(), offset.to(torch.int64).numpy()
     std = std.clamp_min(MIN_STD).numpy()
     width = np.ceil(4.0 * np.log2(std)).astype(np.int64)
+    if width.min() == width.max():
+        half = int(min(MAX_HALF_RANGE, max(1, math.ceil(stds * float(std.max())))))
+        return [_Part(np.arange(len(std)), offset, mean, std, half)]
     parts = []
     for w in np.unique(width):
         idx = np.flatnonzero(width == w)

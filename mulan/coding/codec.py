@@ -78,16 +78,19 @@ class ChainCoder:
         return torch.stack([self.z[c] for c in chains]) if self.kind != "none" else None
 
     def _gammas(self, chains: list[int], steps: Tensor, offsets: tuple[int, ...]) -> list[Tensor]:
-        """gamma at times (steps + o) / T, clamped to [0, 1], for each offset o: float64 (B, C, H, W)."""
-        model = self.model
-        cond = model.condition(z=self._z(chains), batch=len(chains))
-        shape = (len(chains), *model.shape)
-        out = []
-        for o in offsets:
-            t = ((steps + o).clamp(0, self.T).to(torch.float64) / self.T).to(model.dtype).to(model.device)
-            out.append(cond.bound(t).gamma.detach().to("cpu", torch.float64).expand(shape))
-        self._cond = cond
-        return out
+        """gamma at times (steps + o) / T, clamped to [0, 1], for each offset o: float64 (B, C, H, W).
+
+        All offsets go through the schedule in one call (z repeated); ``self._cond`` is left bound to the
+        chains themselves for the network call."""
+        model, B = self.model, len(chains)
+        z = self._z(chains)
+        self._cond = model.condition(z=z, batch=B)
+        many = len(offsets)
+        cond = model.condition(z=None if z is None else z.repeat(many, 1), batch=many * B)
+        t = torch.cat([(steps + o).clamp(0, self.T) for o in offsets]).to(torch.float64) / self.T
+        gamma = cond.bound(t.to(model.dtype).to(model.device)).gamma.detach().to("cpu", torch.float64)
+        gamma = gamma.expand(many * B, *model.shape)
+        return list(gamma.split(B))
 
     def _eps(self, x: Tensor, steps: Tensor) -> Tensor:
         model = self.model

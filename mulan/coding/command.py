@@ -261,6 +261,8 @@ def register(sub) -> None:
     c.add_argument("--seed-images", type=int, default=-1,
                    help="images stored uniformly first to feed the first chains (default: chosen)")
     c.add_argument("--limit", type=int, default=0, help="only the first N images")
+    c.add_argument("--report", help="also write the per-term accounting (coded, ideal and expected bits) to "
+                                    "this JSON file (slower)")
     c.add_argument("--threads", type=int, default=0,
                    help="torch threads (default: torch's); decompress uses the same count")
     c.add_argument("--device", default="cpu")
@@ -279,7 +281,9 @@ def register(sub) -> None:
 def cmd_compress(args) -> None:
     r = compress(args.checkpoint, args.out, source=args.input, split=args.split, limit=args.limit,
                  timesteps=args.timesteps, grid_bits=args.grid_bits, batch=args.batch, seed_images=args.seed_images,
-                 device=args.device, threads=args.threads, progress=not args.no_progress)
+                 device=args.device, threads=args.threads, progress=not args.no_progress, ledger=bool(args.report))
+    if args.report:
+        write_report(r, Path(args.report))
     h, n = r.header, r.header.images * int(np.prod(r.header.shape))
     bpd = 8 * r.file_bytes / n
     print(f"compressed {h.images} images ({'x'.join(map(str, h.shape))}, V={h.num_values}) into {r.path}: "
@@ -287,6 +291,25 @@ def cmd_compress(args) -> None:
     print(f"payload {r.payload_bits} bits = {r.payload_bits / n:.4f} bits/dim, of which initial bits "
           f"{r.encoded.initial_bits}; without them {r.encoded.net_bits / n:.4f} bits/dim; "
           f"T={h.timesteps}, grid 2^-{h.grid_bits}, {h.seed_images} seed image(s); {h.images / r.seconds:.2f} images/s")
+
+
+def write_report(r: Compressed, path: Path) -> None:
+    """The accounting of one compression as JSON (bits unless stated)."""
+    import json
+
+    h, led = r.header, r.encoded.ledger
+    report = {
+        "images": h.images, "dims": h.images * int(np.prod(h.shape)), "timesteps": h.timesteps,
+        "grid_bits": h.grid_bits, "batch": h.batch, "threads": h.threads, "seed_images": h.seed_images,
+        "file_bytes": r.file_bytes, "header_bytes": container.HEADER_BYTES, "payload_bits": r.payload_bits,
+        "net_bits": r.encoded.net_bits, "initial_bits": r.encoded.initial_bits, "seconds": r.seconds,
+        "plan": {"budget": h.budget, "need": h.need, "gain": h.gain},
+        "estimated_bits_per_image": r.estimates.bits_per_image,
+        **(led.summary() if led is not None else {}),
+        "ideal_bits_per_image": led.ideal_per_image.tolist() if led is not None else None,
+        "expected_bits_per_image": ({k: v.tolist() for k, v in led.expected.items()} if led is not None else None),
+    }
+    atomic_write(path, lambda f: f.write(json.dumps(report, indent=1).encode()))
 
 
 def cmd_decompress(args) -> None:
