@@ -167,8 +167,8 @@ def table(results: list[dict]) -> str:
         d = r["dims"]
         led = r["ledger"]
         coded, ideal = led["coded_bits"], led["ideal_bits"]
-        chain_coded = coded.get("latent_pops", 0) + coded.get("latent_pushes", 0) + coded.get("prior", 0)
-        chain_ideal = ideal.get("latent_pops", 0) + ideal.get("latent_pushes", 0) + ideal.get("prior", 0)
+        chain_coded = coded.get("draws", 0) + coded.get("reverse", 0) + coded.get("prior", 0)
+        chain_ideal = ideal.get("draws", 0) + ideal.get("reverse", 0) + ideal.get("prior", 0)
         bt = r["bound_terms_bits"]
         bound = r["bound_bits"]
         payload, net = r["payload_bits"], r["net_bits"]

@@ -24,7 +24,7 @@ from torch import Tensor
 from mulan.coding.transitions import Gaussian
 
 LN2 = math.log(2.0)
-CODED_TERMS = ("seed", "latent", "decoder", "latent_pops", "latent_pushes", "prior")
+CODED_TERMS = ("seed", "latent", "decoder", "draws", "reverse", "prior")
 """Groups of operations: uniform seed images, z, push x under p(x | x_0), pops of x_0..x_T, pushes of
 x_0..x_{T-1} under the reverse steps, push of x_T under N(0, I)."""
 
