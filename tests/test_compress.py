@@ -313,6 +313,23 @@ def test_bad_files_and_models_are_one_line_errors_with_nothing_written(checkpoin
     refuse(["compress", a, str(wrong), "--out", str(out), *FAST], "shape")
 
 
+def test_a_vdm_checkpoint_and_its_export_decode_the_same_file(tmp_path, capsys):
+    """Scalar (0-dim) weights are hashed too, and the hash does not depend on the container."""
+    from mulan.export import export
+
+    model, cfg = random_model("digits-vdm", scale=0.02)
+    sd = model.state_dict()
+    assert any(v.dim() == 0 for v in sd.values())  # learned_linear's end points
+    save_checkpoint(tmp_path / "vdm.pt", {"config": cfg, "ema": sd, "model": sd, "step": 0})
+    export(tmp_path / "vdm.pt", tmp_path / "vdm.safetensors")
+    out = tmp_path / "x.mlz"
+    assert cli(capsys, "compress", str(tmp_path / "vdm.pt"), "--out", str(out), *FAST).returncode == 0
+    proc = cli(capsys, "decompress", str(tmp_path / "vdm.safetensors"), str(out), "--out", str(tmp_path / "x.npz"),
+               "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert torch.equal(torch.from_numpy(np.load(tmp_path / "x.npz")["images"]), load_splits(cfg.data)[1].images[:6])
+
+
 def test_existing_outputs_are_never_overwritten(checkpoints, compressed, tmp_path, capsys):
     root, _ = checkpoints
     a = str(root / "a.pt")

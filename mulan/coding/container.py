@@ -79,7 +79,7 @@ def weights_sha256(state_dict: dict[str, torch.Tensor]) -> bytes:
     for name in sorted(state_dict):
         t = state_dict[name].detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim too
     return h.digest()
 
 
