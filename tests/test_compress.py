@@ -257,6 +257,13 @@ def test_cli_round_trip_restores_the_split_in_order(checkpoints, compressed, tmp
     assert torch.equal(torch.from_numpy(np.load(tmp_path / "x.npz")["images"]), expected)
 
 
+def test_compressing_twice_gives_the_same_bytes(checkpoints, compressed, tmp_path, capsys):
+    root, _ = checkpoints
+    again = tmp_path / "again.mlz"
+    assert cli(capsys, "compress", str(root / "a.pt"), "--split", "test", "--out", str(again), *FAST).returncode == 0
+    assert again.read_bytes() == compressed.read_bytes()
+
+
 def test_cli_reads_png_folders_idx_and_npz(checkpoints, tmp_path, capsys):
     root, cfg = checkpoints
     images = torch.randint(0, cfg.data.num_values, (3, 1, 8, 8), dtype=torch.uint8)

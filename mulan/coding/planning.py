@@ -50,7 +50,7 @@ def bits_per_image(model: Diffusion, images: Tensor, timesteps: int, *, batch: i
             t = torch.remainder(u + torch.arange(x.shape[0], device=model.device) / x.shape[0] + s / TIME_POINTS,
                                 1.0).to(model.dtype)
             terms = negative_elbo(x_tilde, cond.eps_fn, cond.bound, t, x=x, num_values=model.num_values,
-                                  timesteps=timesteps)
+                                  timesteps=timesteps, generator=generator)
             total += float(sum(v.double().sum() for v in terms.values())) / TIME_POINTS
         total += float(cond.latent.kl.double().sum())
         count += x.shape[0]
