@@ -51,6 +51,7 @@ def bits_per_image(model: Diffusion, images: Tensor, timesteps: int, *, batch: i
                                 1.0).to(model.dtype)
             terms = negative_elbo(x_tilde, cond.eps_fn, cond.bound, t, x=x, num_values=model.num_values,
                                   timesteps=timesteps, generator=generator)
+            terms = terms.as_dict() if hasattr(terms, "as_dict") else terms  # ELBOTerms or a dict of terms
             total += float(sum(v.double().sum() for v in terms.values())) / TIME_POINTS
         total += float(cond.latent.kl.double().sum())
         count += x.shape[0]
