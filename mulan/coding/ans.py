@@ -38,18 +38,18 @@ CODE_STDS = 5.5
 MAX_HALF_RANGE = 1 << 16  # 2^17 symbols keep the leaky floor's total mass below 1% at 24-bit precision
 MIN_STD = 1e-3  # grid units; constriction needs std > 0 (a narrower Gaussian is a point mass anyway)
 CHUNK_BITS = 16  # escape payloads are split into uniform symbols of at most this many bits
-ROTATION_BITS = 6  # the top bits of each quantile that are rotated (see ROTATION)
-ROTATIONS = 1 << ROTATION_BITS
+ROTATION_BITS = 6  # at most this many top bits of each quantile are rotated (see ROTATION)
 # ROTATION. Bits-back assumes a pop reads uniformly random bits. In a chain they are the code of the latents
 # just pushed under the reverse steps p(x_{i-1} | x_i), whose actual distribution (the forward process's
 # posterior, which knows x) is not p: their positions in p's CDF are over-dispersed, and a pop reading them
 # as quantiles draws over-dispersed latents. (Measured on digits at T = 100: 0.76% more variance than
 # q(x_i | x_{i-1}), 0.8% more bits.) Shifting each quantile by a fixed pseudo-random amount keeps every
 # draw a bijection of the stack, costs no bits, and makes the bias average out instead of piling up in the
-# tails. The shift is a multiple of 2^-6 (popping a uniform symbol of 2^6 values takes the top 6 bits of the
-# 24-bit quantile; pushing it back shifted rotates them): the part of the bias within 1/64 of the quantile
-# range is left (~1/64 of it), and a draw never takes more bits off the stack at once than a chain's latents
-# (~6 bits each) do anyway, so the rotation borrows no extra initial bits.
+# tails. The shift is a multiple of 2^-b (popping a uniform symbol of 2^b values takes the top b bits of the
+# 24-bit quantile; pushing it back shifted rotates them): the part of the bias within 2^-b of the quantile
+# range is left (~2^-b of it). b = 6, or fewer for Gaussians of less than 6 bits of entropy (coarse grids),
+# so a draw never takes more bits off the stack at once than the latent itself: the rotation borrows no
+# initial bits.
 
 _model = constriction.stream.model
 
@@ -116,9 +116,9 @@ class Stack:
         pseudo-random amounts and pushed back, then the symbols are decoded from them."""
         out = np.zeros(g.mean.numel(), dtype=np.int64)
         for part in _parts(g, DRAW_STDS):
-            full, shift = _rotation(len(part.idx))
+            full, shift = _rotation(len(part.idx), _rotation_bits(part.std))
             u = self.coder.decode(_model.Uniform(), full).astype(np.int64)
-            self.coder.encode_reverse(((u + shift) % ROTATIONS).astype(np.int32), _model.Uniform(), full)
+            self.coder.encode_reverse(((u + shift) % full[0]).astype(np.int32), _model.Uniform(), full)
             sym = self.coder.decode(_model.QuantizedGaussian(-part.half, part.half), part.mean, part.std)
             out[part.idx] = part.offset + sym.astype(np.int64)
         return torch.from_numpy(out).reshape(g.mean.shape)
@@ -130,11 +130,11 @@ class Stack:
             sym = flat[part.idx] - part.offset
             if np.abs(sym).max() > part.half:
                 raise CodingError("internal error: a symbol lies outside the range it was drawn from")
-            full, shift = _rotation(len(part.idx))
+            full, shift = _rotation(len(part.idx), _rotation_bits(part.std))
             self.coder.encode_reverse(sym.astype(np.int32), _model.QuantizedGaussian(-part.half, part.half),
                                       part.mean, part.std)
             u = self.coder.decode(_model.Uniform(), full).astype(np.int64)
-            self.coder.encode_reverse(((u - shift) % ROTATIONS).astype(np.int32), _model.Uniform(), full)
+            self.coder.encode_reverse(((u - shift) % full[0]).astype(np.int32), _model.Uniform(), full)
 
     def push_gaussian_escaped(self, j: Tensor, g: Gaussian) -> None:
         """Push any integers ``j`` under g: values at or beyond the range's edge are escaped."""
@@ -229,11 +229,17 @@ class Stack:
         return torch.from_numpy(self.coder.decode(_model.Uniform(), sizes).astype(np.int64))
 
 
-@functools.lru_cache(maxsize=64)
-def _rotation(length: int) -> tuple[np.ndarray, np.ndarray]:
-    """(sizes 2^ROTATION_BITS, fixed pseudo-random shifts) for ``length`` quantiles."""
-    shift = np.random.Generator(np.random.PCG64(length)).integers(0, ROTATIONS, size=length, dtype=np.int64)
-    return np.full(length, ROTATIONS, dtype=np.int32), shift
+def _rotation_bits(std: np.ndarray) -> int:
+    """b: the narrowest Gaussian's entropy on unit bins, log2(std sqrt(2 pi e)), rounded down, in 1..6."""
+    return int(min(ROTATION_BITS, max(1, math.floor(math.log2(float(std.min())) + 2.047))))
+
+
+@functools.lru_cache(maxsize=128)
+def _rotation(length: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sizes 2^bits, fixed pseudo-random shifts) for ``length`` quantiles."""
+    shift = np.random.Generator(np.random.PCG64([length, bits])).integers(0, 1 << bits, size=length,
+                                                                          dtype=np.int64)
+    return np.full(length, 1 << bits, dtype=np.int32), shift
 
 
 def _probabilities(probs: Tensor) -> np.ndarray:
