@@ -55,7 +55,7 @@ def round_trip(model, images, *, timesteps, batch, seed_images=1, budget=0.0, in
 def test_round_trip_is_exact_and_keeps_the_order(preset, overrides, batch):
     model, cfg = random_model(preset, *overrides)
     images = torch.randint(0, cfg.data.num_values, (6, *cfg.data.shape), dtype=torch.uint8)
-    images[2] = images[3]  # equal neighbours: order must come from the stream, not from the data
+    images[2] = images[3]  # neighbours one pixel apart: swapping or mixing up two chains would show
     images[3, 0, 0, 0] = (int(images[3, 0, 0, 0]) + 1) % cfg.data.num_values
     enc, out, plan, kw = round_trip(model, images, timesteps=4, batch=batch)
     assert torch.equal(out, images)
