@@ -364,9 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=cmd_plot_schedule)
 
     from mulan import compare, export
+    from mulan.coding import command as coding
 
     export.register(sub)
     compare.register(sub, _load_options, _load_model)
+    coding.register(sub)
 
     ps = sub.add_parser("presets", help="list the named configurations, one line each")
     ps.set_defaults(func=cmd_presets)

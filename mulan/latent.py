@@ -174,9 +174,13 @@ class GaussianLatent(Latent):
             self.encoder.out.weight.zero_()
             self.encoder.out.bias.zero_()
 
-    def forward(self, x_tilde: Tensor, *, strict: bool, generator: Generator = None) -> LatentOut:
+    def posterior(self, x_tilde: Tensor) -> tuple[Tensor, Tensor]:
+        """(mu, log sigma^2) of q(z | x), each (B, m)."""
         mu, log_var = self.encoder(x_tilde).chunk(2, dim=-1)
-        log_var = log_var.clamp(-30.0, 20.0)
+        return mu, log_var.clamp(-30.0, 20.0)
+
+    def forward(self, x_tilde: Tensor, *, strict: bool, generator: Generator = None) -> LatentOut:
+        mu, log_var = self.posterior(x_tilde)
         eps = rng.randn(mu.shape, generator, device=mu.device, dtype=mu.dtype)
         z = mu + torch.exp(0.5 * log_var) * eps
         kl = 0.5 * (mu.square() + log_var.exp() - log_var - 1.0).sum(dim=-1)
