@@ -83,9 +83,14 @@ PRESETS: dict[str, Callable[[], Config]] = {
     "digits-mulan-no-latent": lambda: _digits(_mulan_schedule()),
     "digits-mulan-scalar": lambda: _digits(_mulan_schedule(pixel_mean=True), _SMALL_LATENT),
     "digits-mulan-nonadaptive": lambda: _digits(_mulan_schedule(adaptive=False), _SMALL_LATENT),
+    # The configuration that beats learned VDM here (benchmarks/mulan_vs_vdm.py): MuLAN's per-pixel schedule
+    # with learned ends and the gamma map fed to the denoiser, without the latent (which does not pay at 64 pixels)
+    "digits-mulan-ends-map": lambda: _digits(_mulan_schedule(learn_ends="scalar"), gamma_input="map"),
     # Fashion-MNIST 28x28 (offline, from Debian's dataset-fashion-mnist), sized for a CPU
     "fashion-vdm": lambda: _fashion(ScheduleConfig(kind="learned_linear")),
     "fashion-mulan": lambda: _fashion(ScheduleConfig(kind="polynomial", decoder="conv"), _SMALL_LATENT),
+    "fashion-mulan-ends-map": lambda: _fashion(ScheduleConfig(kind="polynomial", decoder="conv", learn_ends="scalar"),
+                                               gamma_input="map"),
     # Paper sizes, for GPUs
     "cifar10-vdm": lambda: _paper("cifar10", mulan=False),
     "cifar10-mulan": lambda: _paper("cifar10", mulan=True),
