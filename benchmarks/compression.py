@@ -91,7 +91,7 @@ def bound_at(model, images, T: int, seed: int) -> dict[str, torch.Tensor]:
     saved = model.cfg.timesteps
     model.cfg.timesteps = T
     try:
-        res = elbo_per_image(model, images, time_points=T, batch_size=512, generator=torch.Generator().manual_seed(seed))
+        res = elbo_per_image(model, images, time_points=T, batch_size=512, seed=seed)
     finally:
         model.cfg.timesteps = saved
     return {"recon": res.recon, "prior": res.prior, "diffusion": res.diffusion, "latent": res.latent}
