@@ -294,7 +294,7 @@ def _load_options(parser, what: str) -> None:
     parser.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (none is drawn when stderr is "
                                                                        "not a terminal)")
-    parser.add_argument("--overwrite", action="store_true", help=f"replace {what} that already exist")
+    parser.add_argument("--overwrite", action="store_true", help=f"replace {what} already there")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help=f"config overrides, {LOAD_OVERRIDES_TEXT} only (the model stays as trained), "
                              "e.g. data.path=... eval.batch_size=64")

@@ -199,7 +199,7 @@ def register(sub, load_options, load_model) -> None:
     commands that read a trained model; ``load_model``: its loader, handed down so this module does not import
     the CLI that imports it)."""
     p = sub.add_parser("compare", help="paired difference of two models' bounds on the same images (A - B)",
-                       description="A - B in bits/dim with a paired 95%% CI, per term too. A and B: two checkpoints "
+                       description="A - B in bits/dim with a paired 95% CI, per term too. A and B: two checkpoints "
                                    "or run folders (evaluated here with common random numbers: the same per-image "
                                    "times and noise) or two per-image CSV files of `mulan eval` made with the same "
                                    "--seed (their .json summaries beside them).")
