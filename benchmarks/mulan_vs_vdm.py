@@ -132,6 +132,19 @@ def per_image(args, spec: Spec, seed: int, step: int) -> PerImage:
     return PerImage(bpd=cols.pop("bpd"), terms=cols, summary={}, source=str(path))
 
 
+def train_seconds(out: Path, batch: int) -> float:
+    """Training time of a run from its log (images/s over each logged interval; resumed runs included)."""
+    total, prev = 0.0, 0
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r.get("kind") == "train" and r.get("images_per_s"):
+            step = int(r["step"])
+            if step > prev:
+                total += (step - prev) * batch / r["images_per_s"]
+                prev = step
+    return total
+
+
 def pooled(items: list[PerImage]) -> PerImage:
     """The per-image mean over seeds (a paired comparison of seed-averaged models, images as the unit)."""
     return PerImage(bpd=torch.stack([p.bpd for p in items]).mean(0),
@@ -275,6 +288,11 @@ def main() -> None:
             cells.append(f"{r['diff_pooled']:+.4f} ± {r['diff_pooled_ci95']:.4f}" if r and "diff_pooled" in r else "")
         per_step.append(f"| {st} | " + " | ".join(cells) + " |")
     wall = time.perf_counter() - t_start
+    train_s = {}
+    for spec, seed in jobs:
+        log = run_dir(args, spec, seed) / "metrics.jsonl"
+        if log.is_file():
+            train_s[f"{spec.name}-s{seed}"] = train_seconds(log.parent, run_config(spec, args, seed).train.batch_size)
     data_desc = rows[0]["images"] if rows else 0
     header = [f"# {args.data}: MuLAN configurations against {ref.name}", "",
               f"Command: `python {' '.join(sys.argv)}`", "",
@@ -283,14 +301,16 @@ def main() -> None:
               f"{data_desc} test images ({'whole split' if rows and not rows[0]['subset'] else 'the first ones'}), "
               f"S = {args.time_points} stratified times per image, per-image draws from eval seed {args.eval_seed} "
               f"(common random numbers), strict latent KL charged. Paired differences: per image, averaged over "
-              f"seeds, 95% Student-t interval over images. Wall time of this invocation: {wall / 60:.1f} min "
-              f"({platform.processor() or platform.machine()}, torch {torch.__version__}).", ""]
+              f"seeds, 95% Student-t interval over images. Training time per run (from its log): "
+              f"{min(train_s.values(), default=0) / 60:.0f}-{max(train_s.values(), default=0) / 60:.0f} min; wall "
+              f"time of this invocation: {wall / 60:.1f} min ({platform.processor() or platform.machine()}, "
+              f"torch {torch.__version__}).", ""]
     (results / "README.md").write_text("\n".join(header + lines + per_step) + "\n")
     (results / "final.json").write_text(json.dumps(final_rows, indent=2))
     (results / "summary.json").write_text(json.dumps({
         "command": sys.argv, "steps": args.steps, "every": args.every, "seeds": args.seeds, "images": data_desc,
         "time_points": args.time_points, "eval_seed": args.eval_seed, "jobs": args.jobs, "threads_per_job": 1,
-        "configs": [s.__dict__ for s in specs], "train": train_log, "wall_s": wall}, indent=2))
+        "configs": [s.__dict__ for s in specs], "train": train_log, "train_s_from_logs": train_s, "wall_s": wall}, indent=2))
     if rows:
         plot(rows, specs, results / "curves.png", f"{args.data}: negative ELBO against training step")
     print("\n".join(header + lines + per_step))
