@@ -204,13 +204,21 @@ def variance_across_z(model: Diffusion, x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def variance_plot(model: Diffusion, x: Tensor, path: Path) -> None:
+    save_figure(variance_figure(model, x), path)
+
+
+def variance_figure(model: Diffusion, x: Tensor):
+    """The pixel-mean of Var_z gamma(z, t) over t; a model without a latent says it has nothing to vary."""
     plt = _plt()
     times, var = variance_across_z(model, x)
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(times, var)
     ax.set_xlabel("t"), ax.set_ylabel("pixel-mean of Var_z gamma(z, t)")
     ax.set_title(f"how much the schedule adapts to the image ({x.shape[0]} test images)", fontsize=9)
-    save_figure(fig, path)
+    if model.cfg.latent.kind == "none":
+        ax.text(0.5, 0.6, "no latent: every image gets the same schedule\n(the variance across images is 0 by design)",
+                transform=ax.transAxes, ha="center", va="center", fontsize=9, color="0.3")
+    return fig
 
 
 def samples_per_z(model: Diffusion, path: Path, *, num_z: int = 4, per_z: int = 8, steps: int = 250,

@@ -9,7 +9,8 @@ import torch
 
 from conftest import tiny
 from mulan.images import SEPARATOR, make_grid
-from mulan.plots import heatmap_figure, samples_per_z_figure, snr_extremes, snr_figure, training_figure
+from mulan.plots import (heatmap_figure, samples_per_z_figure, snr_extremes, snr_figure, training_figure,
+                         variance_figure)
 from mulan.train import build_model
 
 
@@ -50,6 +51,12 @@ def test_a_scalar_schedule_is_stated_instead_of_a_heat_map():
     assert all(not ax.images for ax in fig.axes)  # no heat map, no colour bar on a zero-width range
     assert "scalar schedule: gamma(t) = -11.50 + 17.00 t" in texts(fig)
     assert "every pixel has this log SNR" in texts(snr_figure(model, digits()))
+
+
+def test_variance_across_z_says_a_model_without_latent_has_nothing_to_vary(mulan_model):
+    no_latent = build_model(tiny("digits-mulan-ends-map")).eval()
+    assert "no latent: every image gets the same schedule" in texts(variance_figure(no_latent, digits()))
+    assert "no latent" not in texts(variance_figure(mulan_model, digits()))
 
 
 def test_snr_figure_marks_the_pixels_with_the_lowest_and_highest_gamma_at_mid_time(mulan_model):
