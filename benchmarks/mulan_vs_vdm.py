@@ -106,8 +106,8 @@ def eval_job(spec: Spec, args, seed: int, step: int) -> dict:
 
     out = run_dir(args, spec, seed)
     cache = out / f"elbo-step{step:08d}-S{args.time_points}-n{args.images}-seed{args.eval_seed}.csv"
-    if cache.is_file() and cache.with_suffix(".json").is_file():
-        return json.loads(cache.with_suffix(".json").read_text())
+    if cache.is_file() and cache.with_suffix(".json").is_file():  # named as asked (a run folder may be a link)
+        return {**json.loads(cache.with_suffix(".json").read_text()), "config": spec.name, "seed": seed, "step": step}
     state = load_checkpoint(out / "checkpoints" / f"step-{step:08d}.pt")
     cfg = state["config"]
     model = build_model(cfg)
@@ -212,6 +212,8 @@ def main() -> None:
     p.add_argument("--work", default="runs/bench-mulan-vs-vdm", help="checkpoints and per-image files")
     p.add_argument("--results", default="", help="tables and plot (default benchmarks/results/mulan_vs_vdm/DATA)")
     p.add_argument("--no-train", action="store_true", help="only evaluate and tabulate what is there")
+    p.add_argument("--eval-steps", type=int, nargs="*", default=None,
+                   help="evaluate (and tabulate) only these checkpoints' steps (default: every --every steps)")
     args = p.parse_args()
     specs = [parse_config(c) for c in args.configs] if args.configs else \
         [Spec(n, pr, []) for n, pr in DEFAULTS[args.data].items()]
@@ -226,7 +228,8 @@ def main() -> None:
             for rec in pool.map(train_job, [j[0] for j in jobs], [args] * len(jobs), [j[1] for j in jobs]):
                 print(f"trained {rec['run']}: {rec['trained_steps']} steps in {rec['wall_s']:.0f} s", flush=True)
                 train_log.append(rec)
-        points = [(s, seed, step) for s, seed in jobs for step in range(args.every, args.steps + 1, args.every)
+        at = args.eval_steps or range(args.every, args.steps + 1, args.every)
+        points = [(s, seed, step) for s, seed in jobs for step in at
                   if (run_dir(args, s, seed) / "checkpoints" / f"step-{step:08d}.pt").is_file()]
         rows = list(pool.map(eval_job, [q[0] for q in points], [args] * len(points), [q[1] for q in points],
                              [q[2] for q in points]))
@@ -266,8 +269,10 @@ def main() -> None:
         if not mine:
             continue
         mean = sum(r["bpd"] for r in mine) / len(mine)
-        curve = [(st, sum(by_key[(spec.name, s, st)]["bpd"] for s in args.seeds if (spec.name, s, st) in by_key)
-                  / max(1, len([s for s in args.seeds if (spec.name, s, st) in by_key]))) for st in steps]
+        # mean over the seeds with this step evaluated; steps without any are left out of the curve
+        have = {st: [by_key[(spec.name, s, st)]["bpd"] for s in args.seeds if (spec.name, s, st) in by_key]
+                for st in steps}
+        curve = [(st, sum(v) / len(v)) for st, v in have.items() if v]
         reach = steps_to_reach(curve, target)
         first = mine[0]
         diff = (f"{first['diff_pooled']:+.4f} ± {first['diff_pooled_ci95']:.4f}" if "diff_pooled" in first else "reference")
@@ -275,7 +280,7 @@ def main() -> None:
         cfg = run_config(spec, args, args.seeds[0])
         desc = spec.preset + (" " + " ".join(spec.overrides) if spec.overrides else "")
         lines.append(f"| {spec.name} | `{desc}` | {mean:.4f} | {diff} | {lower} | {latent_cost_bpd(cfg):.4f} | "
-                     f"{'not reached' if reach is None else f'{reach:.0f}'} |")
+                     f"{'not reached' if reach is None else (f'<= {reach:.0f}' if curve and curve[0][1] <= target else f'{reach:.0f}')} |")
         final_rows.append({"config": spec.name, "preset": desc, "bpd": mean, "diff_pooled": first.get("diff_pooled"),
                            "diff_pooled_ci95": first.get("diff_pooled_ci95"), "steps_to_reference_final": reach,
                            "diff_terms": first.get("diff_terms")})
