@@ -12,7 +12,6 @@ import torch
 from scipy import stats
 from scipy.integrate import quad
 
-from mulan.errors import ConfigError
 from mulan.likelihood.dequantize import dequantize, dequantized_nll, encode
 from mulan.likelihood.ode import ode_log_likelihood
 from mulan.likelihood.stats import bits_per_dim, mean_ci
@@ -139,10 +138,26 @@ def test_importance_weighting_tightens_towards_log_p(kind):
         assert true - 0.02 < mean <= true + half, (mean, half, true)  # K=1 gap is 0.84 nats
 
 
-def test_truncnorm_outside_the_bin_is_refused():
+def test_truncnorm_with_a_noisy_gamma_0_is_cut_at_the_bin_edge_and_log_q_is_its_density():
     toy = Toy("uniform")  # gamma_0 around -1: 3 sigma_0 is far wider than a bin
-    with pytest.raises(ConfigError):
-        dequantize(toy.x, V, toy.bound, kind="truncnorm")
+    reps = 500
+    x = toy.x.expand(reps, *SHAPE)
+    d = dequantize(x, V, toy.bound, kind="truncnorm", generator=torch.Generator().manual_seed(0))
+    xt = encode(x, V)
+    lo, hi = toy.alpha_0 * (xt - 1 / V), toy.alpha_0 * (xt + 1 / V)
+    assert ((d.y >= lo) & (d.y <= hi)).all()
+    edge = (toy.alpha_0 / (V * toy.sigma_0)).expand_as(xt)  # the bin's half-width in units of sigma_0
+    assert (edge < TAU).all()  # every pixel is cut at its bin's edge here, not at tau
+    loc, scale = (toy.alpha_0 * xt).numpy(), toy.sigma_0.expand_as(xt).numpy()
+    ref = stats.truncnorm.logpdf(d.y.numpy(), -edge.numpy(), edge.numpy(), loc=loc, scale=scale)
+    np.testing.assert_allclose(d.log_q.numpy(), ref.reshape(reps, -1).sum(1), rtol=1e-9, atol=1e-9)
+    # the draws fill the bin: some land within 10% of its edges
+    near = (torch.minimum(d.y - lo, hi - d.y) < 0.1 * (hi - lo)).double().mean()
+    assert near > 0.05
+
+
+def test_bad_dequantization_arguments_are_refused():
+    toy = Toy("uniform")
     with pytest.raises(ValueError):
         dequantize(toy.x, V, toy.bound, kind="logistic")
     with pytest.raises(ValueError):
