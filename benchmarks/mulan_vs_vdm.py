@@ -173,16 +173,17 @@ def plot(rows: list[dict], specs: list[Spec], path: Path, title: str) -> None:
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
     ref = specs[0].name
-    for spec in specs:
+    for i, spec in enumerate(specs):
+        colour = f"C{i}"  # one colour per configuration in both panels
         mine = [r for r in rows if r["config"] == spec.name]
         steps = sorted({r["step"] for r in mine})
         mean = [sum(r["bpd"] for r in mine if r["step"] == s) / len([r for r in mine if r["step"] == s]) for s in steps]
-        ax.plot(steps, mean, "o-", label=spec.name)
+        ax.plot(steps, mean, "o-", color=colour, label=spec.name)
         if spec.name != ref:
             pts = [(r["step"], r["diff_pooled"], r["diff_pooled_ci95"]) for r in mine if "diff_pooled" in r and r["seed"] == mine[0]["seed"]]
             if pts:
                 s_, d_, h_ = zip(*pts)
-                bx.errorbar(s_, d_, yerr=h_, fmt="o-", capsize=3, label=f"{spec.name} - {ref}")
+                bx.errorbar(s_, d_, yerr=h_, fmt="o-", color=colour, capsize=3, label=f"{spec.name} - {ref}")
     ax.set_xlabel("training step"), ax.set_ylabel("held-out negative ELBO (bits/dim)")
     ax.set_title("bound against step (mean over seeds)", fontsize=9)
     ax.legend(fontsize=8)
