@@ -15,14 +15,13 @@ import time
 
 import torch
 
-from mulan.checkpoint import load_checkpoint, load_weights
+import mulan
 from mulan.diffusion import bits_per_dim
 from mulan.likelihood.dequantize import dequantize
 from mulan.likelihood.elbo import elbo_per_image
 from mulan.likelihood.ode import ode_log_likelihood
 from mulan.likelihood.reference import reference_log_likelihood
 from mulan.likelihood.stats import mean_ci
-from mulan.train import build_model
 from mulan.data import load_splits
 
 
@@ -43,11 +42,8 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    state = load_checkpoint(args.checkpoint)
-    cfg = state["config"]
-    model = build_model(cfg)
-    load_weights(model, state["ema"], args.checkpoint)
-    model.eval()
+    loaded = mulan.load(args.checkpoint)  # EMA weights, eval mode
+    model, cfg = loaded.model, loaded.config
     _, test = load_splits(cfg.data)
     x = test.images[:args.images]
     n, V = model.n, model.num_values
@@ -96,7 +92,7 @@ def main() -> None:
                     time.perf_counter() - t0, nfe_r, "mean NFE per image; probes drawn per image"))
     same = row("ODE, Hutchinson, batched: the same images as the reference row", bpd_h[:len(xr)], len(xr), 1.0, nfe_h)
 
-    print(f"\nCheckpoint {args.checkpoint} (preset {cfg.preset}, step {state['step']}); test split images as given; "
+    print(f"\nCheckpoint {args.checkpoint} (preset {cfg.preset}, step {loaded.step}); test split images as given; "
           f"ODE rtol = atol = {args.tol}; truncated-normal dequantization, K = 1; strict latent KL charged; "
           f"{torch.get_num_threads()} threads.\n")
     print("| estimator | images | bits/dim (95% CI) | images/s | function evaluations | note |")

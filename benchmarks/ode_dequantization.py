@@ -25,14 +25,13 @@ from pathlib import Path
 
 import torch
 
-from mulan.checkpoint import load_checkpoint, load_weights
+import mulan
 from mulan.data import load_splits
 from mulan.diffusion import bits_per_dim
 from mulan.likelihood.dequantize import dequantize
 from mulan.likelihood.elbo import elbo_per_image
 from mulan.likelihood.ode import ode_log_likelihood
 from mulan.likelihood.stats import mean_ci
-from mulan.train import build_model
 
 
 def log_weights(model, x, k_max: int, divergence: str, tol: float, seed: int) -> tuple[torch.Tensor, float]:
@@ -73,15 +72,12 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    state = load_checkpoint(args.checkpoint)
-    cfg = state["config"]
-    model = build_model(cfg)
-    load_weights(model, state["ema"], args.checkpoint, "EMA")
-    model.eval()
+    loaded = mulan.load(args.checkpoint)  # EMA weights, eval mode
+    model, cfg = loaded.model, loaded.config
     _, test = load_splits(cfg.data)
     x_all = test.images[:args.images]
     n = model.n
-    out = {"checkpoint": args.checkpoint, "step": int(state.get("step", 0)), "images": int(x_all.shape[0]),
+    out = {"checkpoint": args.checkpoint, "step": loaded.step, "images": int(x_all.shape[0]),
            "command": sys.argv, "threads": torch.get_num_threads(), "tol": args.tol}
 
     t0 = time.perf_counter()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY
+from conftest import TINY, run_here
 
 CLI = [sys.executable, "-m", "mulan"]
 
@@ -19,19 +19,6 @@ CLI = [sys.executable, "-m", "mulan"]
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tests run two at a time on two cores
     return subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=cwd, timeout=300, env=env)
-
-
-def run_here(capsys, *args: str) -> subprocess.CompletedProcess:
-    """The same entry point in this process (fast), with its exit code and output."""
-    from mulan.cli import main
-
-    code = 0
-    try:
-        main(list(args))
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, out.out, out.err)
 
 
 def assert_clean_error(proc: subprocess.CompletedProcess, *words: str) -> None:

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import math
 import struct
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import run_here as cli
 from conftest import tiny
 from mulan.checkpoint import save_checkpoint
 from mulan.coding import latents
@@ -209,18 +209,6 @@ def checkpoints(tmp_path_factory):
     sd2["denoiser.conv_out.weight"].view(-1)[0] += 1e-3
     save_checkpoint(root / "b.pt", {"config": cfg, "ema": sd2, "model": sd2, "step": 0})
     return root, cfg
-
-
-def cli(capsys, *args: str) -> subprocess.CompletedProcess:
-    from mulan.cli import main
-
-    code = 0
-    try:
-        main(list(args))
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, out.out, out.err)
 
 
 def one_line_error(proc, *words: str) -> str:
