@@ -53,6 +53,18 @@ def heatmaps(model: Diffusion, x: Tensor, path: Path, times=TIMES) -> None:
     save_figure(heatmap_figure(model, x, times), path)
 
 
+def ends_text(model: Diffusion) -> str:
+    """How a per-pixel schedule's end points are set: fixed, learned (scalars), or learned per pixel (ranges)."""
+    s = model.cfg.schedule
+    if s.learn_ends == "none":
+        return f"ends fixed at {s.gamma_min}, {s.gamma_max}"
+    g0, g1 = (torch.as_tensor(v).detach().float() for v in model.schedule.ends())
+    if g0.numel() == 1:
+        return f"learned ends gamma(0) = {g0.item():.2f}, gamma(1) = {g1.item():.2f}"
+    return (f"learned per-pixel ends: gamma(0) in [{g0.min():.2f}, {g0.max():.2f}], "
+            f"gamma(1) in [{g1.min():.2f}, {g1.max():.2f}]")
+
+
 def heatmap_figure(model: Diffusion, x: Tensor, times=TIMES):
     """The matplotlib figure of :func:`heatmaps` (also logged to TensorBoard during training).
 
@@ -63,7 +75,6 @@ def heatmap_figure(model: Diffusion, x: Tensor, times=TIMES):
         return scalar_schedule_figure(model, x)
     plt = _plt()
     g = gamma_grid(model, x, torch.tensor(times)).mean(2).cpu().numpy()  # (B, T, H, W)
-    s = model.cfg.schedule
     fig, axes = plt.subplots(x.shape[0], len(times) + 1, figsize=(1.6 * (len(times) + 1), 1.6 * x.shape[0]),
                              squeeze=False)
     for i in range(x.shape[0]):
@@ -81,7 +92,8 @@ def heatmap_figure(model: Diffusion, x: Tensor, times=TIMES):
         for ax in axes[i]:
             ax.set_xticks([]), ax.set_yticks([])
     axes[0, 0].set_title("image", fontsize=8)
-    fig.suptitle(f"per-pixel gamma(z(x), t); ends fixed at {s.gamma_min}, {s.gamma_max}", fontsize=9)
+    fig.suptitle(f"per-pixel {'gamma(z(x), t)' if model.cfg.latent.kind != 'none' else 'gamma(t), the same for every image'}; "
+                 f"{ends_text(model)}", fontsize=9)
     return fig
 
 

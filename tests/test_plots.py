@@ -59,6 +59,17 @@ def test_variance_across_z_says_a_model_without_latent_has_nothing_to_vary(mulan
     assert "no latent" not in texts(variance_figure(mulan_model, digits()))
 
 
+def test_heat_maps_state_the_learned_ends_and_whether_gamma_depends_on_z(mulan_model):
+    no_latent = build_model(tiny("digits-mulan-ends-map")).eval()
+    with torch.no_grad():
+        no_latent.schedule.b.fill_(-7.25)
+        no_latent.schedule.w.fill_(12.75)
+    title = texts(heatmap_figure(no_latent, digits()))
+    assert "gamma(t), the same for every image" in title
+    assert "learned ends gamma(0) = -7.25, gamma(1) = 5.50" in title
+    assert "gamma(z(x), t); ends fixed at -13.3, 5.0" in texts(heatmap_figure(mulan_model, digits()))
+
+
 def test_snr_figure_marks_the_pixels_with_the_lowest_and_highest_gamma_at_mid_time(mulan_model):
     x = digits(1)
     with torch.no_grad():
