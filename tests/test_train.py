@@ -30,6 +30,20 @@ def test_same_seed_same_losses_and_weights(tmp_path, preset):
     assert losses(tmp_path / "c") != losses(tmp_path / "a")
 
 
+def test_periodic_evaluation_does_not_change_training(tmp_path):
+    # The digits presets evaluate only twice per run to keep the main job short; that is safe only because an
+    # evaluation draws from its own streams and leaves the model, EMA and the training draws alone.
+    cfg = "model.denoiser.dropout=0.1", "train.steps=4", "train.eval_images=8", "train.eval_time_points=2"
+    a = train(tiny("digits-mulan", *cfg, "train.eval_every=0"), tmp_path / "a")
+    b = train(tiny("digits-mulan", *cfg, "train.eval_every=1"), tmp_path / "b")
+    evals = [r for r in map(json.loads, (tmp_path / "b" / "metrics.jsonl").read_text().splitlines())
+             if r["kind"] == "eval"]
+    assert len(evals) == 4
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    for p, q in zip(a.model.state_dict().values(), b.model.state_dict().values()):
+        assert torch.equal(p, q)
+
+
 def test_save_load_gives_identical_elbo(tmp_path):
     cfg = tiny("digits-mulan")
     result = train(cfg, tmp_path)
