@@ -47,7 +47,8 @@ from mulan.presets import get_preset, latent_cost_bpd
 # The configurations compared by default, per data set: the reference first.
 DEFAULTS = {
     "digits": {"vdm": "digits-vdm", "mulan": "digits-mulan", "mulan-ends-map": "digits-mulan-ends-map"},
-    "fashion": {"vdm": "fashion-vdm", "mulan": "fashion-mulan", "mulan-ends-map": "fashion-mulan-ends-map"},
+    "fashion": {"vdm": "fashion-vdm", "mulan": "fashion-mulan", "mulan-ends-map": "fashion-mulan-ends-map",
+                "mulan-ends-map-latent": "fashion-mulan-ends-map-latent"},
 }
 
 
