@@ -46,7 +46,8 @@ def _digits(schedule: ScheduleConfig, latent: LatentConfig | None = None, **mode
 
 def _fashion(schedule: ScheduleConfig, latent: LatentConfig | None = None, **model) -> Config:
     # Fashion-MNIST 28x28, V = 256 (Debian's dataset-fashion-mnist): VDM's Fourier frequencies for 8-bit data;
-    # ~1 s per step of batch 64 on one CPU thread. The final evaluation of all 10,000 test images uses S = 32.
+    # 1.8-3 s per step of batch 64 on one thread of this CPU (VDM to MuLAN with its latent, measured two jobs side
+    # by side). The final evaluation of all 10,000 test images uses S = 32.
     return _small(DataConfig(name="fashion-mnist", shape=(1, 28, 28), num_values=256), schedule, latent,
                   fourier=(6, 7), batch=64, steps=3000, eval_images=1000, eval_time_points=32, eval_batch=250,
                   **model)
