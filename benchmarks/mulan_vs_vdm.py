@@ -101,21 +101,21 @@ def eval_job(spec: Spec, args, seed: int, step: int) -> dict:
     """Per-image ELBO of one checkpoint on the fixed test images (cached as a CSV in the run folder)."""
     torch.set_num_threads(1)
     from mulan.checkpoint import load_checkpoint, load_weights
-    from mulan.data import load_splits
+    from mulan.data import load_split
     from mulan.report import measure_elbo, write_per_image
     from mulan.train import build_model
 
     out = run_dir(args, spec, seed)
-    cache = out / f"elbo-step{step:08d}-S{args.time_points}-n{args.images}-seed{args.eval_seed}.csv"
+    cache = per_image_path(args, spec, seed, step)
     if cache.is_file() and cache.with_suffix(".json").is_file():  # named as asked (a run folder may be a link)
         return {**json.loads(cache.with_suffix(".json").read_text()), "config": spec.name, "seed": seed, "step": step}
     state = load_checkpoint(out / "checkpoints" / f"step-{step:08d}.pt")
     cfg = state["config"]
     model = build_model(cfg)
     load_weights(model, state["ema"], out, "EMA")
-    _, test = load_splits(cfg.data)
+    data = load_split(cfg.data, args.split)
     t0 = time.perf_counter()
-    summary, columns = measure_elbo(model.eval(), test, time_points=args.time_points, batch_size=256,
+    summary, columns = measure_elbo(model.eval(), data, time_points=args.time_points, batch_size=256,
                                     seed=args.eval_seed, limit=args.images)
     write_per_image(cache, columns)
     record = {"config": spec.name, "seed": seed, "step": step, "bpd": summary.bpd, "ci95": summary.ci95,
@@ -125,8 +125,14 @@ def eval_job(spec: Spec, args, seed: int, step: int) -> dict:
     return record
 
 
+def per_image_path(args, spec: Spec, seed: int, step: int) -> Path:
+    """The per-image CSV of one checkpoint's evaluation (its .json summary beside it)."""
+    return (run_dir(args, spec, seed) /
+            f"elbo-{args.split}-step{step:08d}-S{args.time_points}-n{args.images}-seed{args.eval_seed}.csv")
+
+
 def per_image(args, spec: Spec, seed: int, step: int) -> PerImage:
-    path = run_dir(args, spec, seed) / f"elbo-step{step:08d}-S{args.time_points}-n{args.images}-seed{args.eval_seed}.csv"
+    path = per_image_path(args, spec, seed, step)
     with open(path) as f:
         rows = list(csv.DictReader(f))
     cols = {k: torch.tensor([float(r[k]) for r in rows], dtype=torch.float64) for k in rows[0] if k != "index"}
@@ -213,7 +219,10 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2, help="processes side by side, one thread each")
     p.add_argument("--work", default="runs/bench-mulan-vs-vdm", help="checkpoints and per-image files")
     p.add_argument("--results", default="", help="tables and plot (default benchmarks/results/mulan_vs_vdm/DATA)")
+    p.add_argument("--split", choices=["val", "test"], default="val", help="the images evaluated: val to choose, "
+                   "test once for the final table")
     p.add_argument("--no-train", action="store_true", help="only evaluate and tabulate what is there")
+    p.add_argument("--train-only", action="store_true", help="train (or resume) the runs, evaluate nothing")
     p.add_argument("--eval-steps", type=int, nargs="*", default=None,
                    help="evaluate (and tabulate) only these checkpoints' steps (default: every --every steps)")
     args = p.parse_args()
@@ -230,6 +239,8 @@ def main() -> None:
             for rec in pool.map(train_job, [j[0] for j in jobs], [args] * len(jobs), [j[1] for j in jobs]):
                 print(f"trained {rec['run']}: {rec['trained_steps']} steps in {rec['wall_s']:.0f} s", flush=True)
                 train_log.append(rec)
+        if args.train_only:
+            return
         at = args.eval_steps or range(args.every, args.steps + 1, args.every)
         points = [(s, seed, step) for s, seed in jobs for step in at
                   if (run_dir(args, s, seed) / "checkpoints" / f"step-{step:08d}.pt").is_file()]

@@ -43,8 +43,9 @@ def _progress_bar(total: int, initial: int, enabled: bool):
     def update(record: dict) -> None:
         bar.update(record["step"] - bar.n)
         post = {"loss": f"{record['loss_bpd']:.3f}bpd", "img/s": f"{record['images_per_s']:.0f}"}
-        if "test_bpd" in record:
-            post["test"] = f"{record['test_bpd']:.3f}bpd"
+        for split in ("val", "test"):
+            if f"{split}_bpd" in record:
+                post[split] = f"{record[f'{split}_bpd']:.3f}bpd"
         bar.set_postfix(post, refresh=False)
 
     return bar, update
@@ -205,7 +206,7 @@ def finish_run(model, cfg: Config, test_set, out: Path, *, step: int, seed: int,
 
 
 def cmd_eval(args) -> None:
-    from mulan.data import load_splits
+    from mulan.data import load_split
     from mulan.report import evaluate_elbo, evaluate_ode
 
     _positive("--limit", args.limit, " (the number of images; without --limit: the whole split)")
@@ -214,8 +215,7 @@ def cmd_eval(args) -> None:
     run = _load_model(args, (("--time-points", "eval.time_points", args.time_points),
                              ("--timesteps", "model.timesteps", args.timesteps)), join_ranks=True)
     cfg = run.config
-    train_set, test_set = load_splits(cfg.data)
-    data = test_set if args.split == "test" else train_set
+    data = load_split(cfg.data, args.split)
     out = Path(args.out) if args.out else run.run_dir
     main_rank = distributed.world().main
     if main_rank:
@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "step<N>.csv (one row per image) and the .json summary of the same name.")
     e.add_argument("checkpoint", help=CHECKPOINT_HELP)
     e.add_argument("--estimator", choices=["elbo", "ode"], default="elbo")
-    e.add_argument("--split", choices=["test", "train"], default="test")
+    e.add_argument("--split", choices=["test", "train", "val"], default="test", help="test, train, or val (the validation images carved by data.val_size)")
     e.add_argument("--limit", type=int, default=None, help="evaluate only the first N >= 1 images (a subset, "
                                                            "reported as one; default: the whole split)")
     e.add_argument("--time-points", type=int, default=None,

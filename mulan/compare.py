@@ -136,14 +136,13 @@ def _evaluate(path: str, args) -> PerImage:
     import argparse
 
     from mulan import progress
-    from mulan.data import load_splits
+    from mulan.data import load_split
     from mulan.report import measure_elbo
 
     run = args.load_model(argparse.Namespace(checkpoint=path, overrides=args.overrides, raw=args.raw),
                       (("--time-points", "eval.time_points", args.time_points),
                        ("--timesteps", "model.timesteps", args.timesteps)))
-    train_set, test_set = load_splits(run.config.data)
-    data = test_set if args.split == "test" else train_set
+    data = load_split(run.config.data, args.split)
     total = min(args.limit or len(data), len(data))
     with progress.bar(f"ELBO of {Path(path).name}", "images", progress.wanted(args.no_progress), total=total) as cb:
         summary, columns = measure_elbo(run.model, data, time_points=run.config.eval.time_points,
@@ -205,7 +204,7 @@ def register(sub, load_options, load_model) -> None:
                                    "--seed (their .json summaries beside them).")
     p.add_argument("a", metavar="A", help="checkpoint, run folder or exported .safetensors; or a per-image CSV")
     p.add_argument("b", metavar="B", help="the same kind as A")
-    p.add_argument("--split", choices=["test", "train"], default="test")
+    p.add_argument("--split", choices=["test", "train", "val"], default="test", help="test, train, or val (the validation images carved by data.val_size)")
     p.add_argument("--limit", type=int, default=None, help="only the first N >= 1 images (default: the whole split)")
     p.add_argument("--time-points", type=int, default=None, help="ELBO: stratified times per image (sets "
                                                                   "eval.time_points)")

@@ -28,6 +28,9 @@ class DataConfig:
     shape: tuple[int, ...] = (1, 8, 8)  # (C, H, W) of every image
     num_values: int = 17  # V: pixel values are integers 0..V-1
     limit: int = 0  # keep only the first `limit` images of each split (0: all)
+    # validation images carved from the training split, reproducibly (a permutation seeded by `split_seed`), and
+    # never trained on: choices (configurations, settings, best.pt) read them, the test split is for the final table
+    val_size: int = 0
 
     @property
     def n(self) -> int:
@@ -118,6 +121,10 @@ class TrainConfig:
     ema_decay: float = 0.9999
     grad_clip: float = 1.0  # max global gradient norm (0: off)
     schedule_lr_scale: float = 1.0  # the noise schedule's parameters learn at lr x this
+    # AdamW's decoupled weight decay of the schedule's parameters; -1: train.weight_decay. AdamW multiplies it by
+    # the group's learning rate, so at schedule_lr_scale s the schedule decays s times faster per step unless this
+    # is weight_decay / s; learned ends (gamma(0), gamma(1)) decay toward 0
+    schedule_weight_decay: float = -1.0
     seed: int = 0
     log_every: int = 25
     eval_every: int = 0  # evaluate the held-out ELBO every this many steps (0: only at the end)
@@ -310,6 +317,7 @@ def validate(cfg: Config) -> Config:
     need(2 <= d.num_values <= 65536, f"data.num_values must be in [2, 65536], got {d.num_values}")
     need(0.0 < d.test_fraction < 1.0, f"data.test_fraction must be in (0, 1), got {d.test_fraction}")
     need(d.limit >= 0, f"data.limit must be >= 0, got {d.limit}")
+    need(d.val_size >= 0, f"data.val_size must be >= 0, got {d.val_size}")
     need(math.isfinite(s.gamma_min) and math.isfinite(s.gamma_max), "schedule end points must be finite")
     need(s.gamma_min < s.gamma_max, f"model.schedule.gamma_min ({s.gamma_min}) must be below gamma_max ({s.gamma_max})")
     need(s.hidden > 0 and s.monotone_features > 0 and s.pixel_features > 0,
@@ -331,6 +339,8 @@ def validate(cfg: Config) -> Config:
          f"train.schedule_lr_scale must be positive, got {t.schedule_lr_scale}")
     need(0.0 <= t.beta1 < 1.0 and 0.0 <= t.beta2 < 1.0, "train.beta1 and train.beta2 must be in [0, 1)")
     need(t.weight_decay >= 0, "train.weight_decay must be >= 0")
+    need(t.schedule_weight_decay >= 0 or t.schedule_weight_decay == -1,
+         f"train.schedule_weight_decay must be >= 0, or -1 for train.weight_decay; got {t.schedule_weight_decay}")
     need(t.warmup_steps >= 0, "train.warmup_steps must be >= 0")
     need(0.0 <= t.ema_decay < 1.0, f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
     need(t.grad_clip >= 0, "train.grad_clip must be >= 0")

@@ -307,12 +307,14 @@ def training_figure(metrics: Path):
     plt = _plt()
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     tr = [(r["step"], r["loss_bpd"]) for r in records if r.get("kind") == "train" and "loss_bpd" in r]
-    ev = [(r["step"], r["test_bpd"]) for r in records if r.get("kind") == "eval"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    split = evals[-1].get("split", "test") if evals else "test"  # periodic evaluations read val when there is one
+    ev = [(r["step"], r[f"{split}_bpd"]) for r in evals if f"{split}_bpd" in r]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     if tr:
         ax.plot(*zip(*tr), "o-" if len(tr) == 1 else "-", lw=1, label="train batch (ELBO, bits/dim)")
     if ev:
-        ax.plot(*zip(*ev), "o-", label="test subset (EMA, ELBO, bits/dim)")
+        ax.plot(*zip(*ev), "o-", label=f"{split} subset (EMA, ELBO, bits/dim)")
     ax.set_xlabel("step"), ax.set_ylabel("bits/dim")
     values = [v for _, v in tr + ev]
     lo = min(values or [0])

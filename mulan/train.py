@@ -21,7 +21,7 @@ from torch import Tensor
 from mulan import distributed
 from mulan.checkpoint import load_checkpoint, load_weights, require, save_checkpoint
 from mulan.config import Config, to_dict
-from mulan.data import ImageDataset, load_splits
+from mulan.data import ImageDataset, load_all_splits
 from mulan.diffusion import Diffusion, bits_per_dim
 from mulan.distributed import resolve_device  # noqa: F401  (re-exported: the CLI imports it from here)
 from mulan.ema import EMA
@@ -69,14 +69,22 @@ def lr_at(step: int, cfg: Config) -> float:
     return cfg.train.lr * min(1.0, (step + 1) / w) if w > 0 else cfg.train.lr
 
 
+def schedule_weight_decay(cfg: Config) -> float:
+    """The AdamW weight decay of the schedule's parameters (``train.schedule_weight_decay``, -1: the others')."""
+    wd = cfg.train.schedule_weight_decay
+    return cfg.train.weight_decay if wd < 0 else wd
+
+
 def param_groups(model: Diffusion, cfg: Config) -> list[dict]:
-    """The optimiser's parameter groups: one, or the schedule's apart when ``train.schedule_lr_scale`` != 1."""
-    scale = cfg.train.schedule_lr_scale
-    if scale == 1.0:
+    """The optimiser's parameter groups: one, or the schedule's apart when its learning rate scale or its weight
+    decay differ from the rest. AdamW's decay step is lr x weight_decay per group, so a schedule group at s x
+    the learning rate with the same weight_decay decays s times faster."""
+    scale, wd = cfg.train.schedule_lr_scale, schedule_weight_decay(cfg)
+    if scale == 1.0 and wd == cfg.train.weight_decay:
         return [{"params": list(model.parameters())}]
     schedule = {id(p) for p in model.schedule.parameters()}
     return [{"params": [p for p in model.parameters() if id(p) not in schedule], "lr_scale": 1.0},
-            {"params": list(model.schedule.parameters()), "lr_scale": scale}]
+            {"params": list(model.schedule.parameters()), "lr_scale": scale, "weight_decay": wd}]
 
 
 @dataclass
@@ -215,7 +223,10 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False,
         for section in ("data", "model"):
             if to_dict(getattr(old, section)) != to_dict(getattr(cfg, section)):
                 raise ConfigError(f"--resume: the {section} config differs from the checkpoint's; only train/eval settings may change")
-    train_set, test_set = load_splits(cfg.data)
+    splits = load_all_splits(cfg.data)
+    train_set, test_set = splits["train"], splits["test"]
+    # periodic evaluations (and so best.pt) read the validation split when there is one: choices never see test
+    held_out = splits.get("val", test_set)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg).to(device)
     ema = EMA(model, cfg.train.ema_decay)
@@ -228,8 +239,11 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False,
         try:
             opt.load_state_dict(state["optimizer"])
         except ValueError:  # parameter groups differ: schedule_lr_scale moved to or from 1
-            raise ConfigError("--resume: the optimiser state does not fit: train.schedule_lr_scale cannot move to "
-                              "or from 1 in a run") from None
+            raise ConfigError("--resume: the optimiser state does not fit: the schedule's own parameter group "
+                              "(train.schedule_lr_scale != 1 or train.schedule_weight_decay != train.weight_decay) "
+                              "cannot appear or disappear in a run") from None
+        for group, saved in zip(opt.param_groups, param_groups(model, cfg)):  # the config's decay, not the saved one
+            group["weight_decay"] = saved.get("weight_decay", cfg.train.weight_decay)
         start, best = int(state["step"]), float(state.get("best_bpd", float("inf")))
     precision = cfg.train.precision
     if precision == "auto":
@@ -243,7 +257,7 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False,
         # device_ids=None: the module already lives on this rank's one device and inputs are not moved.
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=None, broadcast_buffers=False)
     log = MetricsLog(run_dir) if world.main else None
-    fingerprints = {"train": train_set.fingerprint(), "test": test_set.fingerprint()}
+    fingerprints = {name: split.fingerprint() for name, split in splits.items()}
 
     def checkpoint(step: int, name: str = "last.pt") -> None:
         if not world.main:
@@ -293,17 +307,18 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False,
         if log is not None and (done % cfg.train.log_every == 0 or done == cfg.train.steps):
             log.write(record)
         if cfg.train.eval_every and done % cfg.train.eval_every == 0:
-            eval_bpd, half, count = evaluate_bpd(ema.shadow, test_set, images=cfg.train.eval_images,
+            eval_bpd, half, count = evaluate_bpd(ema.shadow, held_out, images=cfg.train.eval_images,
                                                  time_points=cfg.train.eval_time_points,
                                                  batch_size=cfg.eval.batch_size, seed=cfg.train.seed)
             if eval_bpd < best:
                 best = eval_bpd
                 checkpoint(done, "best.pt")
             if log is not None:
-                log.schedule_figure(ema.shadow, test_set.images, done)
-                log.write({"kind": "eval", "step": done, "test_bpd": eval_bpd, "ci95": half, "images": count,
-                           "time_points": cfg.train.eval_time_points, "estimator": "elbo"})
-            record["test_bpd"] = eval_bpd
+                log.schedule_figure(ema.shadow, held_out.images, done)
+                log.write({"kind": "eval", "step": done, f"{held_out.split}_bpd": eval_bpd, "ci95": half,
+                           "images": count, "split": held_out.split, "time_points": cfg.train.eval_time_points,
+                           "estimator": "elbo"})
+            record[f"{held_out.split}_bpd"] = eval_bpd
         if progress is not None and world.main:
             progress(record)
         if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:

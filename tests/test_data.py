@@ -434,3 +434,57 @@ def test_synthetic_is_deterministic_structured_and_in_range(shape, num_values):
     right = torch.corrcoef(torch.stack([x[..., :-1].flatten(), x[..., 1:].flatten()]))[0, 1]
     assert right > 0.5  # neighbouring pixels are correlated: smooth images, not uniform noise
     assert len(set(rows(train.images))) > 500  # and varied
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the validation split
+
+
+def test_validation_is_carved_from_train_and_never_overlaps():
+    """val + train is exactly the old training split (as multisets of images, each in file order), test is
+    untouched, and the carve depends only on split_seed."""
+    from mulan.data import load_all_splits
+
+    full_train, full_test = load_splits(DataConfig())
+    splits = load_all_splits(DataConfig(val_size=200))
+    train, val, test = splits["train"], splits["val"], splits["test"]
+    assert (len(train), len(val)) == (len(full_train) - 200, 200)
+    assert torch.equal(test.images, full_test.images)
+    assert Counter(rows(train.images)) + Counter(rows(val.images)) == Counter(rows(full_train.images))
+    assert (val.split, val.source) == ("val", train.source)
+    again = load_all_splits(DataConfig(val_size=200))["val"]
+    assert torch.equal(again.images, val.images)
+    other = load_all_splits(DataConfig(val_size=200, split_seed=1))["val"]
+    assert not torch.equal(other.images, val.images)
+    assert val.fingerprint()["sha256"] != train.fingerprint()["sha256"]
+
+
+def test_validation_split_of_a_file_with_its_own_test_split(tmp_path):
+    """IDX files come with a test file: val comes out of the training file only, and both parts keep the file's
+    order (the random images are distinct, so an image's position in the file identifies it)."""
+    from mulan.data import load_all_splits
+
+    imgs, tests = random_images(50, (1, 6, 6)), random_images(9, (1, 6, 6))
+    write_idx(tmp_path / "train.idx", imgs)
+    write_idx(tmp_path / "test.idx", tests)
+    cfg = DataConfig(name="idx", path=str(tmp_path / "train.idx"), test_path=str(tmp_path / "test.idx"),
+                     shape=(1, 6, 6), num_values=256, val_size=10)
+    splits = load_all_splits(cfg)
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [40, 10, 9]
+    assert Counter(rows(splits["train"].images)) + Counter(rows(splits["val"].images)) == \
+        Counter(rows(torch.from_numpy(imgs)))
+    assert torch.equal(splits["test"].images, torch.from_numpy(tests))
+    where = {r: i for i, r in enumerate(rows(torch.from_numpy(imgs)))}
+    assert len(where) == 50
+    for part in ("train", "val"):
+        order = [where[r] for r in rows(splits[part].images)]
+        assert order == sorted(order)
+
+
+def test_validation_errors_are_one_line():
+    from mulan.data import load_split
+
+    data_error(DataConfig(val_size=1438), "data.val_size=1438", "1438")
+    with pytest.raises(DataError) as info:
+        load_split(DataConfig(), "val")
+    assert "data.val_size" in str(info.value) and "\n" not in str(info.value)

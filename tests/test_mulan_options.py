@@ -143,3 +143,33 @@ def test_schedule_lr_scale_scales_only_the_schedules_steps():
     schedule = max(v for n, v in moved.items() if n.startswith("schedule."))
     others = max(v for n, v in moved.items() if not n.startswith("schedule."))
     assert abs(schedule - 10 * lr) < 1e-3 * lr and abs(others - lr) < 1e-3 * lr, (schedule / lr, others / lr)
+
+
+@pytest.mark.parametrize("scale, wd, expected", [(10.0, -1.0, 10 * 0.01), (10.0, 0.001, 10 * 0.001),
+                                                  (1.0, 0.1, 0.1), (1.0, 0.0, 0.0)])
+def test_schedule_weight_decay_is_its_own_setting(scale, wd, expected):
+    """With a zero gradient AdamW only decays: one step multiplies a parameter by 1 - lr x group lr scale x
+    group weight decay. The schedule's parameters decay by train.schedule_weight_decay (-1: train.weight_decay)
+    at the schedule's learning rate, the others by train.weight_decay at the base rate."""
+    from mulan.train import param_groups
+
+    cfg = tiny("digits-vdm", f"train.schedule_lr_scale={scale}", f"train.schedule_weight_decay={wd}",
+               "train.weight_decay=0.01")
+    model = build_model(cfg)
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=0.5, weight_decay=cfg.train.weight_decay)
+    for group in opt.param_groups:
+        group["lr"] = 0.5 * group.get("lr_scale", 1.0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for name, p in model.named_parameters():
+        factor = 1 - 0.5 * (expected if name.startswith("schedule.") else 0.01)
+        assert torch.allclose(p.detach(), before[name] * factor, rtol=1e-6, atol=0), name
+
+
+def test_schedule_weight_decay_out_of_range_is_refused():
+    from mulan.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.schedule_weight_decay"):
+        tiny("digits-vdm", "train.schedule_weight_decay=-0.5")

@@ -32,7 +32,7 @@ from mulan.coding.container import FileFormatError, Header
 from mulan.coding.planning import Estimates, estimate
 from mulan.coding.schedule import Plan
 from mulan.config import Config
-from mulan.data import load_splits
+from mulan.data import load_split
 from mulan.data.dataset import check_split
 from mulan.data.files import describe
 from mulan.errors import DataError, MulanError, OutputError
@@ -71,8 +71,7 @@ def load_model(checkpoint: str | Path, device: str = "cpu"):
 def read_images(cfg: Config, source: str | None, split: str, limit: int = 0) -> Tensor:
     """Images (N, C, H, W) uint8 from a split of the configured data, or from a file/folder."""
     if source is None:
-        train, test = load_splits(cfg.data)
-        images = (test if split == "test" else train).images
+        images = load_split(cfg.data, split).images
         where = f"{cfg.data.name} {split} split"
     else:
         path = Path(source).expanduser()
@@ -229,7 +228,8 @@ def register(sub) -> None:
                        epilog="Decompress with the same checkpoint on the same kind of machine and torch build.")
     c.add_argument("checkpoint")
     c.add_argument("input", nargs="?", help="a PNG folder, IDX file or .npz (default: --split of the configured data)")
-    c.add_argument("--split", choices=["test", "train"], default="test", help="split of the configured data")
+    c.add_argument("--split", choices=["test", "train", "val"], default="test", help="split of the configured data "
+                   "(val: the validation images carved by data.val_size)")
     c.add_argument("--out", required=True, help="the compressed file (must not exist)")
     c.add_argument("--timesteps", type=int, default=DEFAULT_TIMESTEPS, help="T: steps of the coded chain")
     c.add_argument("--grid-bits", type=int, default=DEFAULT_GRID_BITS,

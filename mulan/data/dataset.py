@@ -72,6 +72,17 @@ def split_by_fraction(images: Tensor, cfg: DataConfig, source: str) -> RawSplits
     return RawSplits(images[perm[n_test:]], images[perm[:n_test]], source, source)
 
 
+def carve_validation(images: Tensor, size: int, seed: int) -> tuple[Tensor, Tensor]:
+    """(train, val): ``size`` images chosen by a permutation seeded by ``seed`` form ``val``, the rest ``train``;
+    both keep the images' order. The permutation is drawn over the whole training split with its own stream
+    (``seed`` + 1), so it is independent of the train/test split of sources without one."""
+    n = images.shape[0]
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))
+    chosen = torch.zeros(n, dtype=torch.bool)
+    chosen[perm[:size]] = True
+    return images[~chosen], images[chosen]
+
+
 def check_split(images: Tensor, cfg: DataConfig, split: str, source: str) -> None:
     """DataError unless the split is non-empty, every image has ``cfg.shape`` and every value is < V."""
     what = f"{cfg.name} {split} images from {source}"
