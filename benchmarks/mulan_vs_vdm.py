@@ -122,10 +122,15 @@ def eval_job(spec: Spec, args, seed: int, step: int) -> dict:
                                         seed=args.eval_seed, limit=args.images, checkpoint=str(ckpt), step=step,
                                         weights="ema")
         summary.extra = {"config": spec.name, "seed": seed, "eval_wall_s": time.perf_counter() - t0}
+        first = data.images[:min(200, summary.images)]
+        with torch.no_grad():  # the schedule's ends as trained: pixel-mean gamma(z(x), 0) and gamma(z(x), 1)
+            bound = model.condition(first).bound
+            for name, t in (("gamma0", 0.0), ("gamma1", 1.0)):
+                summary.extra[name] = float(bound(torch.full((len(first),), t)).gamma.mean())
         if cfg.model.latent.kind != "none":
             from mulan.plots import variance_across_z
 
-            _, var = variance_across_z(model, data.images[:min(200, summary.images)])
+            _, var = variance_across_z(model, first)
             summary.extra["var_z_gamma_max"] = float(var.max())
         write_per_image(cache, columns)
         write_summary(cache.with_suffix(".json"), summary)
@@ -137,7 +142,8 @@ def eval_job(spec: Spec, args, seed: int, step: int) -> dict:
     return {"config": spec.name, "seed": seed, "step": step, "bpd": summary["bpd"], "ci95": summary["ci95"],
             **{f"{k}_bpd": v for k, v in summary["terms_bpd"].items()}, "images": summary["images"],
             "subset": summary["subset"], "split": summary["split"], "sha256": summary["dataset"]["sha256"],
-            "eval_wall_s": summary["extra"].get("eval_wall_s"),
+            "eval_wall_s": summary["extra"].get("eval_wall_s"), "gamma0": summary["extra"].get("gamma0"),
+            "gamma1": summary["extra"].get("gamma1"),
             "var_z_gamma_max": summary["extra"].get("var_z_gamma_max")}
 
 
@@ -282,7 +288,7 @@ def tabulate(args, specs: list[Spec], ref: Spec, rows: list[dict], results: Path
     rows.sort(key=lambda r: (names.index(r["config"]), r["seed"], r["step"]))
     fields = ["config", "seed", "step", "split", "bpd", "ci95", "recon_bpd", "prior_bpd", "diffusion_bpd",
               "latent_bpd", "diff", "diff_ci95", "a_lower", "diff_seeds", "diff_seeds_ci95", "diff_seeds_k", "images",
-              "var_z_gamma_max", "eval_wall_s"]
+              "var_z_gamma_max", "gamma0", "gamma1", "eval_wall_s"]
     with open(results / "curves.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
@@ -329,7 +335,9 @@ def tabulate(args, specs: list[Spec], ref: Spec, rows: list[dict], results: Path
                                         for r in mine],
                            "diff_seeds": d.mean if d else None, "diff_seeds_ci95": d.ci95 if d else None,
                            "diff_seeds_sd": d.sd if d else None, "steps_to_reference_final": reach,
-                           "var_z_gamma_max": max(var) if var else None})
+                           "var_z_gamma_max": max(var) if var else None,
+                           "gamma0": sum(r["gamma0"] for r in mine) / len(mine) if mine[0].get("gamma0") is not None else None,
+                           "gamma1": sum(r["gamma1"] for r in mine) / len(mine) if mine[0].get("gamma1") is not None else None})
     per_step = ["", "Mean over seeds of the paired difference, 95% t-interval over seeds (k seeds):", "",
                 "| step | " + " | ".join(f"{s.name} − {ref.name}" for s in specs if s.name != ref.name) + " |",
                 "|---|" + "---|" * (len(specs) - 1)]
