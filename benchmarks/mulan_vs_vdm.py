@@ -1,26 +1,32 @@
-"""Learning curves of MuLAN configurations against learned VDM, compared image by image.
+"""Learning curves of configurations against a reference, compared image by image and over training seeds.
 
 Every configuration is trained with the same denoiser, steps, batch, learning rate and seeds; a checkpoint is
-kept every ``--every`` steps. Each checkpoint's EMA weights are evaluated on the same fixed test images with
-the negative ELBO (S stratified times per image, strict latent KL charged) and per-image draws seeded by
-(eval seed, image index): common random numbers, so the per-image difference to the reference configuration
-(learned VDM, same training seed) has a paired 95% interval that resolves a few thousandths of a bit.
+kept every ``--every`` steps. Each checkpoint's EMA weights are evaluated on the same fixed images of ``--split``
+(``val``, carved from the training images by the presets' ``data.val_size``, to choose; ``test`` once per final
+configuration) with the negative ELBO (S stratified times per image, strict latent KL charged) and per-image
+draws seeded by (eval seed, image index): common random numbers, so each seed's per-image difference to the
+reference (same training seed) has a paired 95% interval over images. A configuration's difference is the mean
+over seeds of those, with a Student-t interval over the seeds: the statement about a recipe, not two networks.
 
 Runs are resumable: a run that stopped (or a session that ended) continues from its last checkpoint, finished
-runs and evaluations are reused, so a long benchmark can be spread over several sessions.
+runs and evaluations are reused, so a long benchmark can be spread over several sessions; ``--train-only``
+trains, ``--no-train`` evaluates and tabulates what is there.
 
-    # digits, whole test split, 2 seeds, 2 runs side by side on one thread each
-    python benchmarks/mulan_vs_vdm.py --data digits --seeds 0 1 --jobs 2
-    # Fashion-MNIST (apt-get install dataset-fashion-mnist), first 1000 test images
-    python benchmarks/mulan_vs_vdm.py --data fashion --seeds 0 --steps 3000 --images 1000 --jobs 2
+    # digits, validation split, 3 seeds, 2 runs side by side on one thread each
+    python benchmarks/mulan_vs_vdm.py --data digits --seeds 0 1 2 --jobs 2
+    # ... the chosen configurations, once, on the test split
+    python benchmarks/mulan_vs_vdm.py --data digits --seeds 0 1 2 --split test --eval-steps 2500 --no-train
+    # Fashion-MNIST (apt-get install dataset-fashion-mnist), first 1000 validation images
+    python benchmarks/mulan_vs_vdm.py --data fashion --seeds 0 --steps 3000 --images 1000 --time-points 16
     # any set of configurations: NAME=PRESET[:KEY=VALUE,KEY=VALUE]
     python benchmarks/mulan_vs_vdm.py --data digits --configs vdm=digits-vdm \\
         ends=digits-mulan:model.schedule.learn_ends=scalar --seeds 0
 
-Writes into ``--results`` (committed): ``curves.csv`` (every config, seed and step: bound, CI, terms, paired
-difference to the reference), ``final.csv`` (paired differences at the last step, seeds pooled), ``curves.png``,
-``summary.json`` (command, settings, wall times) and ``README.md`` (the tables). Checkpoints and per-image files
-go to ``--work`` (not committed).
+Writes into ``--results`` (committed): ``curves.csv`` (every config, seed and step: bound, CI, terms, each seed's
+paired difference to the reference and the seed-level one, the schedule's trained ends, Var_z gamma),
+``final.json`` (the last step), ``curves.png``, ``summary.json`` (command, settings, wall times), ``README.md``
+(the tables) and ``per_image/`` (each evaluation's per-image CSV and JSON summary, as `mulan eval` writes them:
+`mulan compare` reads them, and a later session pools them). Checkpoints go to ``--work`` (not committed).
 """
 
 from __future__ import annotations
