@@ -14,11 +14,11 @@ from conftest import tiny
 from mulan.cli import main
 from mulan.compare import PerImage, check_pairable, paired_difference, read_per_image
 from mulan.data import load_splits
+from mulan.diffusion import build_model
 from mulan.errors import ConfigError, DataError
 from mulan.likelihood.elbo import elbo_per_image
 from mulan.report import evaluate_elbo
 from mulan.rng import PerExample, example_seeds
-from mulan.train import build_model
 
 
 def trained_like(preset: str, seed: int = 0):

@@ -19,10 +19,11 @@ from conftest import TINY, perturb, tiny
 import mulan as mulan_pkg
 from mulan import rng
 from mulan.checkpoint import load_checkpoint
+from mulan.diffusion import build_model
 from mulan.distributed import World
 from mulan.errors import ConfigError
 from mulan.rng import ShardedGenerator
-from mulan.train import build_model, train
+from mulan.train import train
 
 
 def losses(run_dir: Path) -> list[float]:

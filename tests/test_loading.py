@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -9,8 +13,8 @@ from conftest import tiny
 import mulan
 from mulan.checkpoint import save_checkpoint
 from mulan.errors import CheckpointError
+from mulan.diffusion import build_model
 from mulan.export import export
-from mulan.train import build_model
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +69,25 @@ def test_raw_weights_by_choice(run_dir, tmp_path):
 def test_a_folder_without_a_checkpoint_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="folder"):
         mulan.load(tmp_path)
+
+
+def test_loading_and_evaluating_never_import_the_trainer(run_dir, tmp_path):
+    """Inference sits below training: in a fresh interpreter, ``mulan.load`` and then `mulan eval` and `mulan
+    compare` of a run leave ``mulan.train`` unimported."""
+    out = str(run_dir[0])
+    script = f"""
+import contextlib, io, json, pathlib, sys
+import mulan
+run = mulan.load({out!r})
+after_load = "mulan.train" in sys.modules
+from mulan.cli import main
+with contextlib.redirect_stdout(io.StringIO()):
+    main(["eval", {out!r}, "--limit", "2", "--out", {str(tmp_path)!r}, "--no-progress", "train.threads=1"])
+    main(["compare", {out!r}, {out!r}, "--limit", "2", "--no-progress", "train.threads=1"])
+print(json.dumps({{"step": run.step, "after_load": after_load, "after_commands": "mulan.train" in sys.modules,
+                  "results": len(list(pathlib.Path({str(tmp_path)!r}).glob("eval-elbo-*.csv")))}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen == {"step": 7, "after_load": False, "after_commands": False, "results": 1}

@@ -7,9 +7,8 @@ import math
 import torch
 
 from conftest import perturb, tiny
-from mulan.diffusion import Diffusion
+from mulan.diffusion import Diffusion, build_model
 from mulan.schedules.base import GammaOut, Schedule, as_col
-from mulan.train import build_model
 from test_diffusion import FixedFunctionDenoiser, OracleDenoiser, _expected_diffusion, digits_batch
 
 

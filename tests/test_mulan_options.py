@@ -7,8 +7,8 @@ import torch
 
 from conftest import tiny
 from mulan.config import ScheduleConfig
+from mulan.diffusion import build_model
 from mulan.schedules import build_schedule
-from mulan.train import build_model
 
 SHAPE = (1, 4, 4)
 

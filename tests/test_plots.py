@@ -11,7 +11,7 @@ from conftest import tiny
 from mulan.images import SEPARATOR, make_grid
 from mulan.plots import (heatmap_figure, samples_per_z_figure, snr_extremes, snr_figure, training_figure,
                          variance_figure)
-from mulan.train import build_model
+from mulan.diffusion import build_model
 
 
 def texts(fig) -> str:

@@ -9,9 +9,9 @@ import torch
 
 from conftest import tiny
 from mulan.data import load_splits
+from mulan.diffusion import build_model
 from mulan.likelihood.stats import mean_ci
 from mulan.report import evaluate_elbo, evaluate_ode
-from mulan.train import build_model
 
 
 def _rows(path):

@@ -10,10 +10,10 @@ import torch
 
 from conftest import tiny
 from mulan.data import load_splits
+from mulan.diffusion import build_model
 from mulan.errors import OutputError
 from mulan.report import evaluate_elbo, evaluate_ode, report_stem
 from mulan.sampling import ancestral_sample, ode_sampler
-from mulan.train import build_model
 
 
 @pytest.fixture(scope="module")
