@@ -54,8 +54,8 @@ class Conditioned:
     latent: LatentOut  # z and its KL
 
 
-def bits_per_dim(nats: Tensor, n: int) -> Tensor:
-    """nats per example -> bits per dimension: nats / (n ln 2)."""
+def bits_per_dim(nats: Tensor | float, n: int) -> Tensor | float:
+    """nats per example (a tensor or a number) -> bits per dimension: nats / (n ln 2), n the dimensions per example."""
     return nats / (n * math.log(2.0))
 
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import tiny
+from conftest import perturb, tiny
 import mulan
 from mulan.checkpoint import save_checkpoint
 from mulan.errors import CheckpointError
@@ -22,11 +22,9 @@ def run_dir(tmp_path_factory):
     """A run folder whose checkpoint holds distinct raw and EMA weights (both non-trivial) at step 7."""
     cfg = tiny("digits-mulan")
     torch.manual_seed(1)
-    raw, ema = build_model(cfg), build_model(cfg)
-    with torch.no_grad():
-        for p, q in zip(raw.parameters(), ema.parameters()):
-            p.add_(0.05 * torch.randn_like(p))
-            q.copy_(p + 0.01 * torch.randn_like(p))
+    raw, ema = perturb(build_model(cfg), 0.05, seed=1), build_model(cfg)
+    ema.load_state_dict(raw.state_dict())
+    perturb(ema, 0.01, seed=2)  # near the raw weights, as an average of recent ones is
     out = tmp_path_factory.mktemp("load") / "run"
     save_checkpoint(out / "checkpoints" / "last.pt",
                     {"config": cfg, "step": 7, "model": raw.state_dict(), "ema": ema.state_dict()})
