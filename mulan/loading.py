@@ -118,8 +118,8 @@ def load_with_overrides(checkpoint: str | Path, overrides: list[str] = (), flags
 def load_from_args(args, flags: tuple = (), *, join_ranks: bool = False) -> Loaded:
     """:func:`load_with_overrides` of a command's parsed ``args`` (``checkpoint``, ``overrides``, ``raw``; see
     :func:`add_load_options`)."""
-    return load_with_overrides(args.checkpoint, args.overrides, flags, weights="raw" if getattr(args, "raw", False) else "ema",
-                               join_ranks=join_ranks)
+    weights = "raw" if getattr(args, "raw", False) else "ema"
+    return load_with_overrides(args.checkpoint, args.overrides, flags, weights=weights, join_ranks=join_ranks)
 
 
 def add_load_options(parser, what: str) -> None:
