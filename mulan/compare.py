@@ -80,6 +80,44 @@ def paired_difference(a: PerImage, b: PerImage) -> PairedDifference:
                             a_lower=float((d < 0).double().mean()), a=mean_ci(a.bpd), b=mean_ci(b.bpd))
 
 
+@dataclass
+class SeedLevelDifference:
+    """A configuration against another over training seeds: one paired difference per pair of runs (run i of A
+    against run i of B, the same images and draws), and the Student-t interval over the runs' mean differences.
+
+    The interval's unit is the training run, not the image: it carries the between-seed spread, so it is a
+    statement about the recipes, where each run's interval over images is one about two trained networks."""
+
+    runs: list[PairedDifference]
+    mean: float  # mean over runs of the per-run mean difference, bits/dim
+    ci95: float  # t-interval half-width over runs (k - 1 degrees of freedom); inf for one run
+    sd: float  # standard deviation of the per-run mean differences (0 for one run)
+
+    @property
+    def excludes_zero(self) -> bool:
+        return abs(self.mean) > self.ci95
+
+    def lines(self, a_name: str = "A", b_name: str = "B") -> list[str]:
+        k = len(self.runs)
+        head = (f"{a_name} - {b_name}: {self.mean:+.4f} ± {self.ci95:.4f} bits/dim (95% t-interval over {k} "
+                f"pairs of runs, sd {self.sd:.4f}; {'excludes' if self.excludes_zero else 'includes'} 0)"
+                if k > 1 else f"{a_name} - {b_name}: {self.mean:+.4f} bits/dim from one pair of runs: no interval "
+                              "over training seeds (give several runs per side)")
+        return [head] + [f"  run {i + 1}: {d.mean:+.4f} ± {d.ci95:.4f} (paired over {d.images} images), A lower on "
+                         f"{100 * d.a_lower:.1f}%" for i, d in enumerate(self.runs)]
+
+
+def seed_level_difference(pairs: list[tuple[PerImage, PerImage]]) -> SeedLevelDifference:
+    """:class:`SeedLevelDifference` of (A_i, B_i) pairs of per-image results (one pair per training seed)."""
+    if not pairs:
+        raise ConfigError("no pairs of runs to compare")
+    runs = [paired_difference(a, b) for a, b in pairs]
+    means = torch.tensor([d.mean for d in runs], dtype=torch.float64)
+    mean, half = mean_ci(means)
+    sd = float(means.std()) if len(runs) > 1 else 0.0
+    return SeedLevelDifference(runs=runs, mean=mean, ci95=0.0 if sd == 0.0 and len(runs) > 1 else half, sd=sd)
+
+
 # --- per-image results from files ---------------------------------------------------------------------------
 
 def read_per_image(csv_path: str | Path) -> PerImage:
@@ -155,35 +193,73 @@ def _is_file_result(path: str) -> bool:
     return path.endswith(".csv")
 
 
+def _is_override(item: str) -> bool:
+    key, sep, _ = item.partition("=")
+    return bool(sep) and "." in key and "/" not in key and not Path(item).exists()
+
+
+def _sides(args) -> tuple[list[str], list[str]]:
+    """(A runs, B runs): ``A B``, or ``A1 .. Ak --vs B1 .. Bk`` (run i of A paired with run i of B). KEY=VALUE
+    overrides may follow either list (argparse hands them to the list before them)."""
+    for side in ("a", "vs"):
+        items = getattr(args, side)
+        if items is not None:
+            args.overrides = [*args.overrides, *(i for i in items if _is_override(i))]
+            setattr(args, side, [i for i in items if not _is_override(i)])
+    if args.vs is None:
+        if len(args.a) != 2:
+            raise ConfigError(f"give A and B, or several runs per side as A1 .. Ak --vs B1 .. Bk (got "
+                              f"{len(args.a)} without --vs)")
+        return [args.a[0]], [args.a[1]]
+    if len(args.a) != len(args.vs):
+        raise ConfigError(f"{len(args.a)} run(s) of A against {len(args.vs)} of B: run i of A is paired with run i of "
+                          "B (the same training seed), so give as many of each")
+    return list(args.a), list(args.vs)
+
+
 def cmd_compare(args) -> None:
     from mulan.checkpoint import atomic_write, refuse_existing
 
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit {args.limit}: must be >= 1 (the number of images; without --limit: the whole split)")
-    if _is_file_result(args.a) != _is_file_result(args.b):
-        raise ConfigError("compare two checkpoints, or two per-image CSV files of `mulan eval`, not one of each")
-    if _is_file_result(args.a) and (args.limit or args.time_points or args.timesteps is not None or args.overrides):
+    side_a, side_b = _sides(args)
+    paths = side_a + side_b
+    if len({_is_file_result(p) for p in paths}) > 1:
+        raise ConfigError("compare checkpoints, or per-image CSV files of `mulan eval`, not a mix of both")
+    if _is_file_result(paths[0]) and (args.limit or args.time_points or args.timesteps is not None or args.overrides):
         raise ConfigError("--limit, --time-points, --timesteps and overrides evaluate checkpoints; result files "
                           "hold what `mulan eval` measured")
     out = Path(args.out) if args.out else None
     if out is not None:
         refuse_existing([out], args.overwrite)  # before any work
-    a, b = (read_per_image(p) if _is_file_result(p) else _evaluate(p, args) for p in (args.a, args.b))
-    check_pairable(a, b)
-    diff = paired_difference(a, b)
+    results = [read_per_image(p) if _is_file_result(p) else _evaluate(p, args) for p in paths]
+    for r in results[1:]:
+        check_pairable(results[0], r)
+    a_runs, b_runs = results[:len(side_a)], results[len(side_a):]
+    a, b = a_runs[0], b_runs[0]
     ds, sa = a.summary["dataset"], a.summary
+    if len(a_runs) == 1:
+        diff = paired_difference(a, b)
+        print("\n".join(diff.lines()))
+        images = diff.images
+    else:
+        diff = seed_level_difference(list(zip(a_runs, b_runs)))
+        print("\n".join(diff.lines()))
+        images = diff.runs[0].images
     whole = "subset of" if sa.get("subset") else "whole"
-    print("\n".join(diff.lines()))
-    print(f"  data      : {ds.get('name')} {diff.images} images ({whole} {sa.get('split')} split), "
+    print(f"  data      : {ds.get('name')} {images} images ({whole} {sa.get('split')} split), "
           f"sha256 {str(ds.get('sha256'))[:16]}…")
     print(f"  estimator : {sa.get('estimator')} {json.dumps(sa.get('settings', {}), sort_keys=True)}")
     print(f"  latent KL : {sa.get('latent_kl')} (A), {b.summary.get('latent_kl')} (B)")
-    for name, r in (("A", a), ("B", b)):
-        w = r.summary.get("weights")
-        print(f"  {name}         : {r.source}" + (f" ({w} weights, step {r.summary.get('step')})" if w else ""))
+    for name, runs in (("A", a_runs), ("B", b_runs)):
+        for i, r in enumerate(runs):
+            w = r.summary.get("weights")
+            label = name if len(runs) == 1 else f"{name}{i + 1}"
+            print(f"  {label:<9} : {r.source}" + (f" ({w} weights, step {r.summary.get('step')})" if w else ""))
     if out is not None:
-        record = {"a": a.source, "b": b.source, **asdict(diff), "dataset": ds, "estimator": sa.get("estimator"),
-                  "settings": sa.get("settings")}
+        record = {"a": [r.source for r in a_runs] if len(a_runs) > 1 else a.source,
+                  "b": [r.source for r in b_runs] if len(b_runs) > 1 else b.source,
+                  **asdict(diff), "dataset": ds, "estimator": sa.get("estimator"), "settings": sa.get("settings")}
         atomic_write(out, lambda f: f.write(json.dumps(record, indent=2, default=_finite).encode()))
         print(f"wrote {out}")
 
@@ -194,13 +270,19 @@ def _finite(v):
 
 def register(sub) -> None:
     """Add the ``compare`` subcommand to the CLI's subparsers."""
-    p = sub.add_parser("compare", help="paired difference of two models' bounds on the same images (A - B)",
+    p = sub.add_parser("compare", help="paired difference of two models' bounds on the same images (A - B), or of "
+                                       "two recipes over several training seeds",
                        description="A - B in bits/dim with a paired 95% CI, per term too. A and B: two checkpoints "
                                    "or run folders (evaluated here with common random numbers: the same per-image "
                                    "times and noise) or two per-image CSV files of `mulan eval` made with the same "
-                                   "--seed (their .json summaries beside them).")
-    p.add_argument("a", metavar="A", help="checkpoint, run folder or exported .safetensors; or a per-image CSV")
-    p.add_argument("b", metavar="B", help="the same kind as A")
+                                   "--seed (their .json summaries beside them). With several runs per side "
+                                   "(A1 .. Ak --vs B1 .. Bk, run i of each trained with the same seed), each pair "
+                                   "gets its paired interval over images and the recipes a t-interval over the k "
+                                   "pairs' mean differences, which includes the spread between training seeds.")
+    p.add_argument("a", metavar="A", nargs="+", help="checkpoint, run folder or exported .safetensors, or a "
+                                                      "per-image CSV; then B (or, with --vs, more runs of A)")
+    p.add_argument("--vs", metavar="B", nargs="+", default=None,
+                   help="the runs of B, as many as of A, in the same seed order")
     p.add_argument("--split", choices=["test", "train", "val"], default="test", help="test, train, or val (the validation images carved by data.val_size)")
     p.add_argument("--limit", type=int, default=None, help="only the first N >= 1 images (default: the whole split)")
     p.add_argument("--time-points", type=int, default=None, help="ELBO: stratified times per image (sets "

@@ -65,6 +65,19 @@ def test_eval_and_sample_from_the_checkpoint_alone(trained_run, tmp_path):
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_eval_on_the_validation_split(trained_run, tmp_path):
+    """--split val evaluates the images carved from the training split (data.val_size), names them in the files
+    and the report; a model trained without a validation split refuses --split val with one line."""
+    ckpt = trained_run / "checkpoints" / "last.pt"
+    proc = run("eval", str(ckpt), "--split", "val", "--limit", "10", "--time-points", "2", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "10 images (subset of val split)" in proc.stdout
+    (summary,) = tmp_path.glob("eval-elbo-val-first10-S2-seed0-ema-step3.json")
+    assert json.loads(summary.read_text())["dataset"]["split"] == "val"
+    proc = run("eval", str(ckpt), "--split", "val", "--limit", "10", "--out", str(tmp_path / "b"), "data.val_size=0")
+    assert_clean_error(proc, "no validation split")
+
+
 def test_dry_run_prints_resolved_config():
     proc = run("train", "--preset", "digits-vdm", "--dry-run", "train.steps=7", "model.prediction=v")
     assert proc.returncode == 0, proc.stderr

@@ -156,3 +156,34 @@ def test_compare_two_checkpoints_evaluates_both_with_common_draws(tmp_path, caps
     files = sorted((tmp_path / "ev").glob("*.csv")), sorted((tmp_path / "ef").glob("*.csv"))
     d = paired_difference(read_per_image(files[0][0]), read_per_image(files[1][0]))
     assert d.mean == pytest.approx(saved["mean"], abs=2e-6)
+
+
+def test_seed_level_interval_is_a_t_interval_over_the_runs_mean_differences(tmp_path, capsys):
+    """Three pairs of runs whose per-run differences are -0.03, -0.01 and +0.01 (each resolved over its images):
+    the recipe's interval is scipy's t-interval over those three means (2 degrees of freedom), so it includes 0
+    even though every run's own interval over images excludes it."""
+    from mulan.compare import seed_level_difference
+
+    g = torch.Generator().manual_seed(1)
+    pairs, a_files, b_files = [], [], []
+    for i, shift in enumerate((-0.03, -0.01, 0.01)):
+        base = 2.0 + 0.3 * torch.randn(300, generator=g, dtype=torch.float64)
+        noise = 0.002 * torch.randn(300, generator=g, dtype=torch.float64)
+        a_files.append(_write(tmp_path / f"a{i}", (base + shift + noise - noise.mean()).tolist()))
+        b_files.append(_write(tmp_path / f"b{i}", base.tolist()))
+        pairs.append((read_per_image(a_files[-1]), read_per_image(b_files[-1])))
+    d = seed_level_difference(pairs)
+    means = [float((a.bpd - b.bpd).mean()) for a, b in pairs]
+    lo, hi = stats.t.interval(0.95, 2, loc=sum(means) / 3, scale=stats.sem(means))
+    assert d.mean == pytest.approx(-0.01, abs=1e-5)
+    assert d.ci95 == pytest.approx((hi - lo) / 2, rel=1e-9)
+    assert all(abs(r.mean) > r.ci95 for r in d.runs) and not d.excludes_zero
+    main(["compare", *map(str, a_files), "--vs", *map(str, b_files)])
+    out = capsys.readouterr().out
+    assert f"A - B: {d.mean:+.4f} ± {d.ci95:.4f} bits/dim (95% t-interval over 3 pairs of runs" in out
+    assert "includes 0" in out and out.count("  run ") == 3 and "A3" in out and "B3" in out
+    with pytest.raises(SystemExit) as e:
+        main(["compare", *map(str, a_files), "--vs", *map(str, b_files[:2])])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "3 run(s) of A against 2 of B" in err[0]
