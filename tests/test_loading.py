@@ -89,3 +89,21 @@ print(json.dumps({{"step": run.step, "after_load": after_load, "after_commands":
     assert proc.returncode == 0, proc.stderr
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
     assert seen == {"step": 7, "after_load": False, "after_commands": False, "results": 1}
+
+
+def test_a_safetensors_header_whose_length_starts_with_0x80_is_not_taken_for_a_pickle(run_dir, tmp_path):
+    """Files are told apart by their first bytes: a safetensors header of 128 + 256 j bytes puts 0x80, a legacy
+    pickle's first byte, at the start of the file (it happened to an export once main's config grew)."""
+    out, _, _, ema = run_dir
+    data = export(out, tmp_path / "m.safetensors").read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = data[8:8 + n] + b" " * ((0x80 - n) % 256)  # safetensors pads its JSON header with spaces
+    padded = tmp_path / "padded.safetensors"
+    padded.write_bytes(len(header).to_bytes(8, "little") + header + data[8 + n:])
+    assert padded.read_bytes()[0] == 0x80
+    assert same_weights(mulan.load(padded).model, ema)
+    legacy = tmp_path / "legacy.pt"  # and a legacy pickle, which starts with 0x80 too, still loads as one
+    torch.save(torch.load(out / "checkpoints" / "last.pt", weights_only=True), legacy,
+               _use_new_zipfile_serialization=False)
+    assert legacy.read_bytes()[0] == 0x80
+    assert same_weights(mulan.load(legacy).model, ema)
