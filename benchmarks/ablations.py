@@ -24,9 +24,10 @@ import torch
 
 from mulan.config import apply_overrides
 from mulan.compare import PerImage, paired_difference
+from mulan.diffusion import build_model
 from mulan.presets import get_preset, latent_cost_bpd
 from mulan.report import measure_elbo, write_per_image, write_summary
-from mulan.train import build_model, train, train_step
+from mulan.train import train, train_step
 
 PRESETS = ["digits-fixed", "digits-vdm", "digits-mulan", "digits-mulan-no-latent", "digits-mulan-scalar",
            "digits-mulan-nonadaptive"]

@@ -63,8 +63,9 @@ def measure_one(preset: str, mode: str, batch: int, steps: int, device_name: str
     from torch.utils.flop_counter import FlopCounterMode
 
     from mulan.config import apply_overrides
+    from mulan.diffusion import build_model
     from mulan.presets import get_preset
-    from mulan.train import build_model, train_step
+    from mulan.train import train_step
 
     if threads:
         torch.set_num_threads(threads)

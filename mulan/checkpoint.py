@@ -118,10 +118,12 @@ def _sniff(path: Path) -> str:
         raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
     if head.startswith(b"PK\x03\x04"):
         return "zip"
+    # safetensors: an 8-byte little-endian header length, then a JSON header. Checked before the pickle marker:
+    # a header of 128 + 256 j bytes makes the first byte 0x80 too (a legacy pickle's 9th byte is inside its magic)
+    if len(head) > 8 and head[8:9] == b"{":
+        return "safetensors"
     if head[:1] == b"\x80":  # pickle protocol >= 2: torch.save(..., _use_new_zipfile_serialization=False)
         return "pickle"
-    if len(head) > 8 and head[8:9] == b"{":  # an 8-byte little-endian header length, then a JSON header
-        return "safetensors"
     if path.suffix == ".safetensors":
         return "safetensors"  # a damaged one: its reader says why
     if not head:

@@ -14,14 +14,12 @@ from pathlib import Path
 from mulan import __version__, distributed, progress
 from mulan.config import Config, apply_overrides, to_dict
 from mulan.errors import ConfigError, MulanError, OutputError
+from mulan.loading import CHECKPOINT_HELP, add_load_options, load_from_args
 from mulan.presets import get_preset, latent_cost_bpd, preset_names
 
 DEFAULT_PRESET = "digits-mulan"
 
 OVERRIDES_HELP = "config overrides KEY=VALUE, e.g. train.steps=200 model.prediction=v (see --dry-run)"
-# What eval, sample and plot-schedule accept as overrides: settings that leave the trained model as it is.
-LOAD_OVERRIDES = ("data.", "eval.", "train.device", "train.threads")
-LOAD_OVERRIDES_TEXT = "data.*, eval.*, train.device and train.threads"
 
 
 def _writable_dir(path: Path) -> Path:
@@ -49,45 +47,6 @@ def _progress_bar(total: int, initial: int, enabled: bool):
         bar.set_postfix(post, refresh=False)
 
     return bar, update
-
-
-def _set_flag(cfg: Config, flag: str, key: str, value) -> Config:
-    """A command-line flag that sets a config field passes the field's own checks (named after the flag)."""
-    if value is None:
-        return cfg
-    try:
-        return apply_overrides(cfg, [f"{key}={value}"])
-    except ConfigError as e:
-        raise ConfigError(f"{flag} {value}: {e}") from None
-
-
-def _load_model(args, flags: tuple = (), *, join_ranks: bool = False):
-    """The :class:`~mulan.loading.Loaded` model of ``args.checkpoint`` (a file or a run folder), its config
-    with the user's overrides and the ``flags`` ((flag, key, value), ...) applied."""
-    import torch
-
-    from mulan.checkpoint import load_checkpoint, resolve_checkpoint
-    from mulan.loading import from_state
-    from mulan.train import resolve_device
-
-    bad = [o for o in args.overrides if not o.split("=", 1)[0].strip().startswith(LOAD_OVERRIDES)]
-    if bad:
-        raise ConfigError(f"only {LOAD_OVERRIDES_TEXT} can be overridden here, not {bad[0]!r}")
-    file, note = resolve_checkpoint(args.checkpoint)
-    state = load_checkpoint(file)
-    cfg = apply_overrides(state["config"], args.overrides)
-    for flag, key, value in flags:
-        cfg = _set_flag(cfg, flag, key, value)
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
-    if join_ranks:  # under torchrun: this rank's device in the job's process group
-        device = distributed.setup(cfg.train.device)[1]
-    else:
-        device = resolve_device(cfg.train.device)
-    if note and distributed.world().main:
-        print(note)
-    return from_state(state, file, weights="raw" if getattr(args, "raw", False) else "ema", device=device,
-                      config=cfg, note=note)
 
 
 def _positive(flag: str, value: int | None, hint: str = "") -> None:
@@ -212,8 +171,8 @@ def cmd_eval(args) -> None:
     _positive("--limit", args.limit, " (the number of images; without --limit: the whole split)")
     if args.estimator == "ode" and (args.time_points is not None or args.timesteps is not None):
         raise ConfigError("--time-points and --timesteps set the ELBO; the ODE's settings are eval.ode_* overrides")
-    run = _load_model(args, (("--time-points", "eval.time_points", args.time_points),
-                             ("--timesteps", "model.timesteps", args.timesteps)), join_ranks=True)
+    run = load_from_args(args, (("--time-points", "eval.time_points", args.time_points),
+                                ("--timesteps", "model.timesteps", args.timesteps)), join_ranks=True)
     cfg = run.config
     data = load_split(cfg.data, args.split)
     out = Path(args.out) if args.out else run.run_dir
@@ -248,7 +207,7 @@ def cmd_sample(args) -> None:
                           "and eval.ode_atol")
     if args.out:
         check_format(Path(args.out))  # before any work
-    run = _load_model(args, (("--num", "eval.num_samples", args.num), ("--steps", "eval.sample_steps", args.steps)))
+    run = load_from_args(args, (("--num", "eval.num_samples", args.num), ("--steps", "eval.sample_steps", args.steps)))
     model, cfg = run.model, run.config
     num, steps = cfg.eval.num_samples, cfg.eval.sample_steps
     how = f"ancestral-T{steps}" if args.sampler == "ancestral" else "ode"
@@ -275,7 +234,7 @@ def cmd_plot_schedule(args) -> None:
     from mulan.data import load_splits
     from mulan.plots import SCHEDULE_FIGURES, schedule_figures
 
-    run = _load_model(args, (("--steps", "eval.sample_steps", args.steps),))
+    run = load_from_args(args, (("--steps", "eval.sample_steps", args.steps),))
     _, test_set = load_splits(run.config.data)
     out = Path(args.out) if args.out else run.run_dir / f"figures-{run.weights}-step{run.step}"
     refuse_existing([out / name for name in SCHEDULE_FIGURES], args.overwrite)
@@ -288,20 +247,6 @@ def cmd_plot_schedule(args) -> None:
 
 
 # --- parser -------------------------------------------------------------------------------------------------
-
-def _load_options(parser, what: str) -> None:
-    """Options shared by the commands that read a trained model."""
-    parser.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (none is drawn when stderr is "
-                                                                       "not a terminal)")
-    parser.add_argument("--overwrite", action="store_true", help=f"replace {what} already there")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help=f"config overrides, {LOAD_OVERRIDES_TEXT} only (the model stays as trained), "
-                             "e.g. data.path=... eval.batch_size=64")
-
-
-CHECKPOINT_HELP = "a checkpoint (.pt), a run folder (uses its checkpoints/last.pt) or a `mulan export` .safetensors file"
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mulan", description="Diffusion models with learned, multivariate, "
@@ -340,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "model.timesteps; default: as trained)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", help="folder for the per-image CSV and summary JSON (default: the run folder)")
-    _load_options(e, "result files")
+    add_load_options(e, "result files")
     e.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("sample", help="draw samples from a checkpoint: a PNG grid or an .npz of integer arrays")
@@ -352,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", help="file: .png (a grid) or .npz (images (N, C, H, W) integers 0..V-1 and the z of each); "
                                  "default RUN_DIR/samples-<sampler>-n<N>-seed<S>-<ema|raw>-step<N>.png")
-    _load_options(s, "an --out file")
+    add_load_options(s, "an --out file")
     s.set_defaults(func=cmd_sample)
 
     f = sub.add_parser("plot-schedule", help="PNG figures of the learned noise schedule of a checkpoint")
@@ -360,14 +305,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", help="folder (default RUN_DIR/figures-<ema|raw>-step<N>)")
     f.add_argument("--steps", type=int, default=250, help="ancestral steps for the samples-per-z figure, >= 1")
     f.add_argument("--seed", type=int, default=0)
-    _load_options(f, "figures")
+    add_load_options(f, "figures")
     f.set_defaults(func=cmd_plot_schedule)
 
     from mulan import compare, export
     from mulan.coding import command as coding
 
     export.register(sub)
-    compare.register(sub, _load_options, _load_model)
+    compare.register(sub)
     coding.register(sub)
 
     ps = sub.add_parser("presets", help="list the named configurations, one line each")

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from mulan.errors import ConfigError, DataError
 from mulan.likelihood.stats import mean_ci
+from mulan.loading import add_load_options, load_with_overrides
 
 TERMS = ("recon", "prior", "diffusion", "latent")
 
@@ -171,15 +172,13 @@ def check_pairable(a: PerImage, b: PerImage) -> None:
 
 def _evaluate(path: str, args) -> PerImage:
     """Evaluate a checkpoint's ELBO on the chosen images, per image, with the shared seed."""
-    import argparse
-
     from mulan import progress
     from mulan.data import load_split
     from mulan.report import measure_elbo
 
-    run = args.load_model(argparse.Namespace(checkpoint=path, overrides=args.overrides, raw=args.raw),
-                      (("--time-points", "eval.time_points", args.time_points),
-                       ("--timesteps", "model.timesteps", args.timesteps)))
+    run = load_with_overrides(path, args.overrides, (("--time-points", "eval.time_points", args.time_points),
+                                                     ("--timesteps", "model.timesteps", args.timesteps)),
+                              weights="raw" if args.raw else "ema")
     data = load_split(run.config.data, args.split)
     total = min(args.limit or len(data), len(data))
     with progress.bar(f"ELBO of {Path(path).name}", "images", progress.wanted(args.no_progress), total=total) as cb:
@@ -269,10 +268,8 @@ def _finite(v):
     return None if isinstance(v, float) and not math.isfinite(v) else str(v)
 
 
-def register(sub, load_options, load_model) -> None:
-    """Add the ``compare`` subcommand to the CLI's subparsers (``load_options``: the CLI's shared options of
-    commands that read a trained model; ``load_model``: its loader, handed down so this module does not import
-    the CLI that imports it)."""
+def register(sub) -> None:
+    """Add the ``compare`` subcommand to the CLI's subparsers."""
     p = sub.add_parser("compare", help="paired difference of two models' bounds on the same images (A - B), or of "
                                        "two recipes over several training seeds",
                        description="A - B in bits/dim with a paired 95% CI, per term too. A and B: two checkpoints "
@@ -294,5 +291,5 @@ def register(sub, load_options, load_model) -> None:
                                                                 "continuous time (sets model.timesteps)")
     p.add_argument("--seed", type=int, default=0, help="seed of the per-image draws, shared by A and B")
     p.add_argument("--out", help="also write the comparison as JSON to this file")
-    load_options(p, "an --out file")
-    p.set_defaults(func=cmd_compare, load_model=load_model)
+    add_load_options(p, "an --out file")
+    p.set_defaults(func=cmd_compare)

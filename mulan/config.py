@@ -2,7 +2,9 @@
 
 One dataclass per concept; :class:`Config` holds them all and is stored inside every checkpoint, so a
 checkpoint alone is enough to evaluate or sample. Overrides are ``section.field=value`` strings, coerced to
-the field's annotated type (``int``, ``float``, ``bool``, ``str``, ``Literal[...]`` or a tuple of ints).
+the field's annotated type (``int``, ``float``, ``bool``, ``str``, ``Literal[...]`` or a tuple of ints). Every
+setting acts or is refused: an override that the resulting config would ignore (``learn_ends`` on a scalar schedule,
+a latent's size with no latent, ...) is an error naming it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ class DataConfig:
     """Which images, and their shape. The shape and ``num_values`` are checked against the files."""
 
     name: Literal["digits", "idx", "fashion-mnist", "cifar10", "imagenet32", "png", "synthetic"] = "digits"
-    path: str = ""  # file or folder of the training data (ignored by 'digits' and 'synthetic')
+    path: str = ""  # file or folder of the training data (none for 'digits' and 'synthetic')
     test_path: str = ""  # file or folder of the test data; empty: split `path` by `test_fraction`
     test_fraction: float = 0.2  # held-out fraction when the source has no test split of its own
     split_seed: int = 0  # seed of the fixed train/test permutation (recorded in every report)
@@ -36,6 +38,10 @@ class DataConfig:
     def n(self) -> int:
         """Number of data dimensions C*H*W."""
         return math.prod(self.shape)
+
+
+SCALAR_KINDS = ("fixed_linear", "learned_linear", "monotone_net")  # one gamma(t) for every pixel (VDM)
+PIXEL_KINDS = ("polynomial", "pixel_monotone_net", "pixel_sigmoid")  # a gamma(z, t) per pixel (MuLAN)
 
 
 @dataclass
@@ -205,8 +211,10 @@ def from_dict(cls: type, data: dict) -> Any:
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Return a copy of ``cfg`` with ``section.field=value`` overrides applied, then validated."""
+    """Return a copy of ``cfg`` with ``section.field=value`` overrides applied, then validated; a setting given
+    here that the resulting config would ignore is refused (:func:`refuse_ignored`)."""
     cfg = from_dict(Config, to_dict(cfg))
+    given: dict[str, str] = {}  # key -> its text, as given
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
@@ -223,7 +231,9 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         if dataclasses.is_dataclass(tp):
             raise ConfigError(f"{key!r} is a section; set one of its fields, e.g. {key}.<field>=...")
         setattr(node, leaf, _parse(text.strip(), tp, key))
+        given[key.strip()] = text.strip()
     validate(cfg)
+    refuse_ignored(cfg, given)
     return cfg
 
 
@@ -357,3 +367,74 @@ def validate(cfg: Config) -> Config:
     need(e.ode_rtol > 0 and e.ode_atol > 0, "eval.ode_rtol and eval.ode_atol must be positive")
     need(e.ode_probes >= 1 and e.dequant_samples >= 1, "eval.ode_probes and eval.dequant_samples must be >= 1")
     return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Settings that would have no effect
+
+
+def ignored_settings(cfg: Config) -> dict[str, str]:
+    """The settings that ``cfg`` ignores, given its kinds (dotted key -> why), whatever their values."""
+    d, s, lat, e = cfg.data, cfg.model.schedule, cfg.model.latent, cfg.eval
+    why: dict[str, str] = {}
+    if s.kind in SCALAR_KINDS:
+        ends = {"fixed_linear": "fixed", "learned_linear": "always learned", "monotone_net": "always learned"}[s.kind]
+        why["model.schedule.learn_ends"] = (f"model.schedule.kind={s.kind} is a scalar schedule whose ends are {ends}; "
+                                            f"learn_ends applies to the per-pixel kinds ({', '.join(PIXEL_KINDS)})")
+        for name in ("pixel_mean", "adaptive", "decoder", "hidden"):
+            why[f"model.schedule.{name}"] = (f"model.schedule.kind={s.kind} is a scalar schedule; {name} applies to "
+                                             f"the per-pixel kinds ({', '.join(PIXEL_KINDS)})")
+    else:
+        if lat.kind == "none":
+            why["model.schedule.adaptive"] = "there is no latent (model.latent.kind=none) to feed the schedule"
+        if s.decoder == "dense":
+            why["model.schedule.hidden"] = "model.schedule.decoder=dense is as wide as the image (C*H*W units)"
+    if s.kind != "monotone_net":
+        why["model.schedule.monotone_features"] = f"it sizes kind=monotone_net, not kind={s.kind}"
+    if s.kind != "pixel_monotone_net":
+        why["model.schedule.pixel_features"] = f"it sizes kind=pixel_monotone_net, not kind={s.kind}"
+    if s.kind == "fixed_linear":
+        for name in ("schedule_lr_scale", "schedule_weight_decay"):
+            why[f"train.{name}"] = "model.schedule.kind=fixed_linear has no parameters to train"
+    if lat.kind == "none":
+        for name in ("m", "k", "noise", "train_kl", "encoder_channels"):
+            why[f"model.latent.{name}"] = "there is no latent (model.latent.kind=none)"
+    elif lat.kind == "gaussian":
+        for name in ("k", "noise", "train_kl"):
+            why[f"model.latent.{name}"] = ("it applies to the k-hot latent; a gaussian one is reparameterised and "
+                                           "its KL analytic")
+    if e.ode_divergence == "exact":
+        for name in ("ode_probes", "ode_probe_dist"):
+            why[f"eval.{name}"] = "eval.ode_divergence=exact draws no Hutchinson probes"
+    own_test = ("synthetic", "cifar10", "fashion-mnist")  # datasets that bring their own test split
+    if d.name in own_test:
+        why["data.test_path"] = why["data.test_fraction"] = f"data.name={d.name} has its own test split"
+    if d.name in ("digits", "synthetic"):
+        why["data.path"] = why["data.test_path"] = f"data.name={d.name} reads no files"
+    elif d.test_path and d.name in ("idx", "png", "imagenet32"):
+        why["data.test_fraction"] = "data.test_path holds the test images: nothing is split off"
+    return why
+
+
+def refuse_ignored(cfg: Config, given: dict[str, str]) -> None:
+    """Raise :class:`ConfigError` (one line naming the key) when a setting given explicitly (``given``: key ->
+    its text) with a value other than its default is one ``cfg`` ignores (:func:`ignored_settings`): every
+    setting acts or is refused. Defaults pass, so a config can always restate them."""
+    ignored = ignored_settings(cfg)
+    for key, text in given.items():
+        if key in ignored:
+            value = cfg
+            for part in key.split("."):
+                value = getattr(value, part)
+            if value != _default(key):
+                raise ConfigError(f"{key}={text} would be ignored: {ignored[key]}")
+
+
+def _default(key: str) -> Any:
+    """The dataclass default of a dotted key."""
+    cls: Any = Config
+    *path, leaf = key.split(".")
+    for part in path:
+        cls = typing.get_type_hints(cls)[part]
+    f = next(f for f in dataclasses.fields(cls) if f.name == leaf)
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mulan import rng
-from mulan.config import ModelConfig
+from mulan.config import Config, ModelConfig
 from mulan.latent import LatentOut, build_latent
 from mulan.nn.unet import UNet
 from mulan.rng import Generator
@@ -54,8 +54,8 @@ class Conditioned:
     latent: LatentOut  # z and its KL
 
 
-def bits_per_dim(nats: Tensor, n: int) -> Tensor:
-    """nats per example -> bits per dimension: nats / (n ln 2)."""
+def bits_per_dim(nats: Tensor | float, n: int) -> Tensor | float:
+    """nats per example (a tensor or a number) -> bits per dimension: nats / (n ln 2), n the dimensions per example."""
     return nats / (n * math.log(2.0))
 
 
@@ -217,6 +217,11 @@ class Diffusion(nn.Module):
 
 # --- the terms, for any schedule and denoiser --------------------------------------------------------------
 # Functions of plain callables so users can bound the likelihood of their own networks (mulan.likelihood.elbo).
+
+def build_model(cfg: Config) -> Diffusion:
+    """The model a whole config describes (its ``model`` section on the images of its ``data`` section)."""
+    return Diffusion(cfg.model, tuple(cfg.data.shape), cfg.data.num_values)
+
 
 def decoder_logits(x0_rescaled: Tensor, gamma0: Tensor, values: Tensor) -> Tensor:
     """log p(x = v | x_0) up to a constant, (B, C, H, W, V): -1/2 ((x_0' - values[v]) exp(-gamma_0/2))^2."""

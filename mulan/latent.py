@@ -81,6 +81,11 @@ class NoLatent(Latent):
         return None
 
 
+def log_comb(m: int, k: int) -> float:
+    """log C(m, k) in nats: the log of the number of k-hot vectors of length m (the strict k-hot latent KL)."""
+    return math.lgamma(m + 1) - math.lgamma(k + 1) - math.lgamma(m - k + 1)
+
+
 def gumbel_noise(shape: tuple[int, ...], generator: Generator, like: Tensor) -> Tensor:
     """Standard Gumbel samples -log(-log U)."""
     u = rng.rand(shape, generator, device=like.device, dtype=like.dtype)
@@ -127,7 +132,7 @@ class KHotLatent(Latent):
         self.dim, self.k = cfg.m, cfg.k
         self.noise, self.train_kl = cfg.noise, cfg.train_kl
         self.encoder = ConvEncoder(shape, cfg.encoder_channels, cfg.m)
-        self.log_num_states = math.lgamma(cfg.m + 1) - math.lgamma(cfg.k + 1) - math.lgamma(cfg.m - cfg.k + 1)
+        self.log_num_states = log_comb(cfg.m, cfg.k)
 
     def forward(self, x_tilde: Tensor, *, strict: bool, generator: Generator = None) -> LatentOut:
         logits = self.encoder(x_tilde)

@@ -1,6 +1,8 @@
 """``mulan.load``: a trained model from a checkpoint, a run folder or an exported .safetensors file.
 
-One entry point for Python users and the command line alike, so both read the same files the same way.
+One entry point for Python users and the command line alike, so both read the same files the same way: the
+commands that read a trained model (eval, sample, plot-schedule, compare) share :func:`load_with_overrides` and
+their options (:func:`add_load_options`) from here. Loading builds the model without the trainer.
 """
 
 from __future__ import annotations
@@ -11,13 +13,19 @@ from typing import Literal
 
 import torch
 
+from mulan import distributed
 from mulan.checkpoint import load_checkpoint, load_weights, resolve_checkpoint
-from mulan.config import Config
-from mulan.diffusion import Diffusion
+from mulan.config import Config, apply_overrides
+from mulan.diffusion import Diffusion, build_model
+from mulan.distributed import resolve_device
 from mulan.errors import CheckpointError, ConfigError
 
 Weights = Literal["ema", "raw"]
 _KEY = {"ema": "ema", "raw": "model"}  # the checkpoint's key of each kind of weights
+# What eval, sample, plot-schedule and compare accept as overrides: settings that leave the trained model as it is.
+LOAD_OVERRIDES = ("data.", "eval.", "train.device", "train.threads")
+LOAD_OVERRIDES_TEXT = "data.*, eval.*, train.device and train.threads"
+CHECKPOINT_HELP = "a checkpoint (.pt), a run folder (uses its checkpoints/last.pt) or a `mulan export` .safetensors file"
 
 
 @dataclass
@@ -60,8 +68,6 @@ def from_state(state: dict, path: Path, *, weights: Weights = "ema", device: str
 
     ``config`` replaces the checkpoint's own (e.g. with data paths overridden); its model must be the same.
     """
-    from mulan.train import build_model, resolve_device
-
     if weights not in _KEY:
         raise ConfigError(f"weights must be 'ema' or 'raw', got {weights!r}")
     key = _KEY[weights]
@@ -74,3 +80,54 @@ def from_state(state: dict, path: Path, *, weights: Weights = "ema", device: str
     dev = resolve_device(device) if isinstance(device, str) else device
     return Loaded(model=model.to(dev).eval(), config=cfg, step=int(state.get("step", 0)), weights=weights,
                   path=Path(path), note=note)
+
+
+def set_flag(cfg: Config, flag: str, key: str, value) -> Config:
+    """A command-line flag that sets a config field passes the field's own checks (named after the flag);
+    ``value`` None leaves ``cfg`` as it is."""
+    if value is None:
+        return cfg
+    try:
+        return apply_overrides(cfg, [f"{key}={value}"])
+    except ConfigError as e:
+        raise ConfigError(f"{flag} {value}: {e}") from None
+
+
+def load_with_overrides(checkpoint: str | Path, overrides: list[str] = (), flags: tuple = (), *,
+                        weights: Weights = "ema", join_ranks: bool = False) -> Loaded:
+    """What a command that reads a trained model loads: the model of ``checkpoint`` (a file or a run folder) with
+    its config under the user's ``overrides`` (:data:`LOAD_OVERRIDES` only: the model stays as trained) and the
+    ``flags`` ((flag, key, value), ...) applied; ``train.threads`` > 0 sets torch's thread count, and
+    ``join_ranks`` puts this process on its rank's device of a torchrun job. Prints how a folder was resolved."""
+    bad = [o for o in overrides if not o.split("=", 1)[0].strip().startswith(LOAD_OVERRIDES)]
+    if bad:
+        raise ConfigError(f"only {LOAD_OVERRIDES_TEXT} can be overridden here, not {bad[0]!r}")
+    file, note = resolve_checkpoint(checkpoint)
+    state = load_checkpoint(file)
+    cfg = apply_overrides(state["config"], list(overrides))
+    for flag, key, value in flags:
+        cfg = set_flag(cfg, flag, key, value)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    device = distributed.setup(cfg.train.device)[1] if join_ranks else resolve_device(cfg.train.device)
+    if note and distributed.world().main:
+        print(note)
+    return from_state(state, file, weights=weights, device=device, config=cfg, note=note)
+
+
+def load_from_args(args, flags: tuple = (), *, join_ranks: bool = False) -> Loaded:
+    """:func:`load_with_overrides` of a command's parsed ``args`` (``checkpoint``, ``overrides``, ``raw``; see
+    :func:`add_load_options`)."""
+    weights = "raw" if getattr(args, "raw", False) else "ema"
+    return load_with_overrides(args.checkpoint, args.overrides, flags, weights=weights, join_ranks=join_ranks)
+
+
+def add_load_options(parser, what: str) -> None:
+    """The options shared by the commands that read a trained model (``what``: what --overwrite replaces)."""
+    parser.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (none is drawn when stderr is "
+                                                                       "not a terminal)")
+    parser.add_argument("--overwrite", action="store_true", help=f"replace {what} already there")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help=f"config overrides, {LOAD_OVERRIDES_TEXT} only (the model stays as trained), "
+                             "e.g. data.path=... eval.batch_size=64")

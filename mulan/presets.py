@@ -6,12 +6,13 @@ the paper (SPEC "The denoiser") and are meant for GPUs.
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 from mulan.config import (Config, DataConfig, DenoiserConfig, EvalConfig, LatentConfig, ModelConfig,
                           ScheduleConfig, TrainConfig, validate)
+from mulan.diffusion import bits_per_dim
 from mulan.errors import ConfigError
+from mulan.latent import log_comb
 
 
 def _small(data: DataConfig, schedule: ScheduleConfig, latent: LatentConfig | None, *, fourier: tuple[int, int],
@@ -139,8 +140,7 @@ def latent_cost_bpd(cfg: Config) -> float:
     lat = cfg.model.latent
     if lat.kind != "khot":
         return 0.0
-    log_comb = math.lgamma(lat.m + 1) - math.lgamma(lat.k + 1) - math.lgamma(lat.m - lat.k + 1)
-    return log_comb / (cfg.data.n * math.log(2.0))
+    return float(bits_per_dim(log_comb(lat.m, lat.k), cfg.data.n))
 
 
 _SCHEDULES = {

@@ -22,17 +22,11 @@ from mulan import distributed
 from mulan.checkpoint import load_checkpoint, load_weights, require, save_checkpoint
 from mulan.config import Config, to_dict
 from mulan.data import ImageDataset, load_all_splits
-from mulan.diffusion import Diffusion, bits_per_dim
-from mulan.distributed import resolve_device  # noqa: F401  (re-exported: the CLI imports it from here)
+from mulan.diffusion import Diffusion, bits_per_dim, build_model
 from mulan.ema import EMA
 from mulan.errors import ConfigError, MulanError
 from mulan.likelihood.elbo import elbo_per_image
 from mulan.rng import ShardedGenerator
-
-
-def build_model(cfg: Config) -> Diffusion:
-    """The model a config describes."""
-    return Diffusion(cfg.model, tuple(cfg.data.shape), cfg.data.num_values)
 
 
 def step_seed(seed: int, step: int, stream: int = 0) -> int:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mulan.config import Config, apply_overrides
+from mulan.diffusion import Diffusion, build_model
 from mulan.presets import get_preset
 
 TINY = [
@@ -32,6 +33,13 @@ def perturb(module: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> torc
         for p in module.parameters():
             p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
     return module
+
+
+def model_that_matters(preset: str = "digits-vdm", *extra: str, scale: float = 0.05, seed: int = 0) -> Diffusion:
+    """The tiny model of ``preset`` (with ``extra`` overrides), initialised from ``seed`` and then perturbed from
+    it (:func:`perturb`), in eval mode: every layer, output layers and schedule heads included, matters."""
+    torch.manual_seed(seed)
+    return perturb(build_model(tiny(preset, *extra)), scale, seed).eval()
 
 
 @pytest.fixture(autouse=True)

@@ -100,6 +100,8 @@ def test_existing_run_is_never_overwritten(trained_run, capsys):
     (["model.schedule.kind=cubic"], ["model.schedule.kind", "cubic"]),
     (["model.latent.k=20"], ["model.latent.k", "1 <= k < m", "k=20", "m=8"]),
     (["model.schedule.gamma_min=6"], ["model.schedule.gamma_min (6.0)", "below gamma_max (5.0)"]),
+    (["--preset", "digits-fixed", "model.schedule.learn_ends=pixel"],  # a setting the model would ignore
+     ["model.schedule.learn_ends=pixel", "would be ignored", "scalar schedule"]),
     (["justtext"], ["'justtext'", "key=value"]),
     (["data.num_values=8"], ["value 16", "data.num_values=8", "0..7"]),  # digits has values up to 16
     (["data.shape=1,9,9"], ["shape (1, 8, 8)", "data.shape=(1, 9, 9)"]),
@@ -166,5 +168,5 @@ def test_tensorboard_gets_scalars_schedule_figures_and_samples(tmp_path, capsys)
         acc.Reload()
         for k in tags:
             tags[k] |= set(acc.Tags()[k])
-    assert {"train/loss_bpd", "eval/test_bpd"} <= tags["scalars"]
+    assert {"train/loss_bpd", "eval/val_bpd"} <= tags["scalars"]  # digits presets evaluate on a validation split
     assert {"schedule/gamma_heatmaps", "samples"} <= tags["images"]

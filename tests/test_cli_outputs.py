@@ -271,7 +271,7 @@ def test_a_mistyped_key_gets_a_suggestion(tmp_path):
 
 
 def test_help_and_errors_name_the_same_overrides(run_dir):
-    from mulan.cli import LOAD_OVERRIDES_TEXT
+    from mulan.loading import LOAD_OVERRIDES_TEXT
 
     parser = build_parser()
     subs = next(a for a in parser._actions if a.dest == "command").choices

@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import stats
 
-from conftest import tiny
+from conftest import model_that_matters, perturb, tiny
 from mulan.cli import main
 from mulan.compare import PerImage, check_pairable, paired_difference, read_per_image
 from mulan.data import load_splits
@@ -18,17 +18,6 @@ from mulan.errors import ConfigError, DataError
 from mulan.likelihood.elbo import elbo_per_image
 from mulan.report import evaluate_elbo
 from mulan.rng import PerExample, example_seeds
-from mulan.train import build_model
-
-
-def trained_like(preset: str, seed: int = 0):
-    """A model whose network and schedule matter (zero-initialised output layers perturbed)."""
-    torch.manual_seed(seed)
-    model = build_model(tiny(preset)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
 
 
 def test_per_example_draws_depend_only_on_seed_and_index():
@@ -45,7 +34,7 @@ def test_per_example_draws_depend_only_on_seed_and_index():
 
 @pytest.mark.parametrize("preset", ["digits-mulan", "digits-vdm"])
 def test_per_image_bound_does_not_depend_on_batch_size(preset):
-    model = trained_like(preset)
+    model = model_that_matters(preset)
     x = torch.randint(0, 17, (16, 1, 8, 8), generator=torch.Generator().manual_seed(1))
     b7 = elbo_per_image(model, x, time_points=3, batch_size=7, seed=4)
     b16 = elbo_per_image(model, x, time_points=3, batch_size=16, seed=4)
@@ -59,7 +48,7 @@ def test_per_image_bound_does_not_depend_on_batch_size(preset):
 
 
 def test_a_model_compared_with_itself_differs_by_exactly_zero(tmp_path):
-    model = trained_like("digits-mulan")
+    model = model_that_matters("digits-mulan")
     _, test = load_splits(tiny("digits-mulan").data)
     for name in ("a", "b"):
         evaluate_elbo(model, test, time_points=2, batch_size=16, seed=0, limit=20, out_dir=tmp_path / name)
@@ -74,11 +63,9 @@ def test_a_model_compared_with_itself_differs_by_exactly_zero(tmp_path):
 def test_common_random_numbers_make_the_paired_interval_much_narrower():
     """Two nearby models on the same images: with common draws the paired interval is far narrower than with
     independent draws (another seed for B), which is what makes 0.01 bits/dim visible."""
-    a = trained_like("digits-mulan", seed=0)
-    b = trained_like("digits-mulan", seed=0)
-    with torch.no_grad():
-        for p in b.denoiser.parameters():
-            p.add_(0.01 * torch.randn_like(p))
+    a = model_that_matters("digits-mulan", seed=0)
+    b = model_that_matters("digits-mulan", seed=0)
+    perturb(b.denoiser, 0.01, seed=1)  # a nearby model
     x = load_splits(tiny("digits-mulan").data)[1].images[:48]
 
     def per_image(model, seed):

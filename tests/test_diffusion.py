@@ -9,9 +9,8 @@ import torch
 from torch import nn
 
 from conftest import perturb, tiny
-from mulan.diffusion import Diffusion, antithetic_times, bits_per_dim
+from mulan.diffusion import Diffusion, antithetic_times, bits_per_dim, build_model
 from mulan.schedules.base import GammaOut, Schedule, as_col
-from mulan.train import build_model
 
 
 def model_for(preset="digits-vdm", *extra) -> Diffusion:

@@ -15,14 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, perturb, tiny
+from conftest import TINY, model_that_matters, perturb, tiny
 import mulan as mulan_pkg
 from mulan import rng
 from mulan.checkpoint import load_checkpoint
+from mulan.diffusion import build_model
 from mulan.distributed import World
 from mulan.errors import ConfigError
 from mulan.rng import ShardedGenerator
-from mulan.train import build_model, train
+from mulan.train import train
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -59,8 +60,8 @@ def zero_output(model) -> None:
 
 @pytest.mark.parametrize("preset", ["digits-vdm", "digits-mulan", "digits-mulan-v"])
 def test_elbo_terms_of_batch_parts_equal_the_whole_batch(preset):
-    model = build_model(tiny(preset, "model.latent.noise=gamma" if preset == "digits-mulan" else "train.seed=0"))
-    perturb(model).train()  # the network, its schedule heads and z all matter
+    # the network, its schedule heads and z all matter
+    model = model_that_matters(preset, *(["model.latent.noise=gamma"] if preset == "digits-mulan" else [])).train()
     x = torch.randint(0, 17, (12, 1, 8, 8))
     whole = model.elbo_terms(x, generator=torch.Generator().manual_seed(3))
     parts = [model.elbo_terms(x[i * 4:(i + 1) * 4], generator=ShardedGenerator(torch.Generator().manual_seed(3), i, 3))
@@ -107,9 +108,7 @@ def test_batch_not_divisible_by_accumulation_is_a_config_error():
 
 def test_bf16_autocasts_only_the_denoiser_and_only_while_training():
     model = build_model(tiny("digits-mulan"))
-    with torch.no_grad():  # the output layer starts at zero (eps_hat = 0 in any precision): perturb it
-        for p in model.denoiser.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    perturb(model.denoiser, 0.05)  # the output layer starts at zero (eps_hat = 0 in any precision): perturb it
     x = torch.randint(0, 17, (6, 1, 8, 8))
 
     def terms(train_mode: bool):
@@ -135,7 +134,7 @@ def test_bf16_training_on_cpu_runs_and_stays_finite(tmp_path):
 
 @pytest.mark.parametrize("preset", ["digits-vdm", "digits-mulan"])
 def test_channels_last_gives_the_same_elbo(preset):
-    model = perturb(build_model(tiny(preset))).eval()  # non-zero convolutions all the way to the output
+    model = model_that_matters(preset)  # non-zero convolutions all the way to the output
     x = torch.randint(0, 17, (4, 1, 8, 8))
     ref = model.elbo_terms(x, generator=torch.Generator().manual_seed(0)).diffusion
     model.set_runtime(channels_last=True)

@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import perturb
 from mulan.config import LatentConfig
-from mulan.latent import GaussianLatent, KHotLatent, NoLatent, build_latent, gumbel_noise
+from mulan.latent import GaussianLatent, KHotLatent, NoLatent, build_latent, gumbel_noise, log_comb
 
 SHAPE = (1, 8, 8)
 
@@ -129,6 +130,16 @@ def test_strict_kl_is_log_binomial():
     assert out.kl_kind == "strict" and out.kl[0].item() == pytest.approx(28.4423, abs=1e-3)
 
 
+@pytest.mark.parametrize("m, k", [(2, 1), (16, 4), (50, 15), (64, 63), (1000, 500)])
+def test_log_comb_is_the_log_of_the_exact_binomial_and_presets_charge_it(m, k):
+    assert log_comb(m, k) == pytest.approx(math.log(math.comb(m, k)), rel=1e-12, abs=1e-12)
+    from mulan.config import apply_overrides
+    from mulan.presets import get_preset, latent_cost_bpd
+
+    cfg = apply_overrides(get_preset("digits-mulan"), [f"model.latent.m={m}", f"model.latent.k={k}"])
+    assert latent_cost_bpd(cfg) == pytest.approx(math.log2(math.comb(m, k)) / 64, rel=1e-12)
+
+
 def test_surrogate_kl():
     lat = khot(m=16, k=4)
     with torch.no_grad():
@@ -179,9 +190,7 @@ def test_gaussian_latent():
     out = lat(x, strict=True, generator=gen(0))
     assert out.kl_kind == "analytic" and out.z.shape == (6, 5)
     torch.testing.assert_close(out.kl, torch.zeros(6))  # q(z|x) starts at the prior
-    with torch.no_grad():
-        for p in lat.encoder.out.parameters():
-            p.add_(torch.randn_like(p))
+    perturb(lat.encoder.out, 1.0)
     for training in (True, False):  # sampled in evaluation as well
         lat.train(training)
         out = lat(x, strict=True, generator=gen(0))

@@ -81,3 +81,27 @@ def test_the_package_has_no_import_cycle():
 def test_distributed_imports_nothing_above_it():
     """torchrun plumbing sits under training and evaluation: it may use errors and config only."""
     assert import_graph()["mulan.distributed"] <= {"mulan.errors", "mulan.config"}
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every package module ``start`` imports, directly or through others."""
+    seen, todo = set(), [start]
+    while todo:
+        for dep in graph[todo.pop()] - seen:
+            seen.add(dep)
+            todo.append(dep)
+    return seen
+
+
+def test_reachable_follows_imports_through_other_modules():
+    assert reachable({"a": {"b"}, "b": {"c"}, "c": set(), "d": {"a"}}, "a") == {"b", "c"}
+
+
+def test_only_the_command_line_reaches_the_trainer():
+    """Inference sits below training: the model is built where it is defined (mulan.diffusion.build_model), so
+    loading, evaluating, comparing, sampling, exporting and compressing never import the training loop."""
+    graph = import_graph()
+    assert {m for m in graph if "mulan.train" in graph[m]} == {"mulan.cli"}
+    for module in ("mulan.loading", "mulan.compare", "mulan.report", "mulan.sampling", "mulan.export", "mulan.plots",
+                   *(m for m in graph if m.startswith("mulan.coding"))):
+        assert not reachable(graph, module) & {"mulan.train", "mulan.cli"}, module

@@ -6,10 +6,9 @@ import math
 
 import torch
 
-from conftest import perturb, tiny
-from mulan.diffusion import Diffusion
+from conftest import model_that_matters, perturb, tiny
+from mulan.diffusion import Diffusion, build_model
 from mulan.schedules.base import GammaOut, Schedule, as_col
-from mulan.train import build_model
 from test_diffusion import FixedFunctionDenoiser, OracleDenoiser, _expected_diffusion, digits_batch
 
 
@@ -19,9 +18,7 @@ def test_mulan_with_its_parts_off_computes_vdm_terms_exactly():
     # polynomial schedule averaged over pixels, not adaptive, no latent: at initialisation gamma is linear
     mulan = build_model(tiny("digits-mulan-no-latent", "model.schedule.pixel_mean=true")).double().eval()
     mulan.denoiser.load_state_dict(vdm.denoiser.state_dict())
-    with torch.no_grad():
-        for p in vdm.denoiser.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    perturb(vdm.denoiser, 0.05)
     mulan.denoiser.load_state_dict(vdm.denoiser.state_dict())
     x = digits_batch(6)
     a = vdm.elbo_terms(x, generator=torch.Generator().manual_seed(1))
@@ -92,10 +89,7 @@ def test_strict_latent_kl_at_evaluation_is_log_binomial():
 
 
 def test_denoiser_and_schedule_see_z():
-    m = build_model(tiny("digits-mulan")).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    m = model_that_matters("digits-mulan", scale=0.1)
     z1 = m.latent.sample_prior(2, generator=torch.Generator().manual_seed(0))
     z2 = m.latent.sample_prior(2, generator=torch.Generator().manual_seed(1))
     assert not torch.equal(z1, z2)
@@ -107,10 +101,7 @@ def test_denoiser_and_schedule_see_z():
 
 
 def test_nonadaptive_schedule_ignores_z_but_denoiser_does_not():
-    m = build_model(tiny("digits-mulan-nonadaptive")).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    m = model_that_matters("digits-mulan-nonadaptive", scale=0.1)
     z1 = m.latent.sample_prior(2, generator=torch.Generator().manual_seed(0))
     z2 = m.latent.sample_prior(2, generator=torch.Generator().manual_seed(1))
     t = torch.full((2,), 0.5)
@@ -120,9 +111,7 @@ def test_nonadaptive_schedule_ignores_z_but_denoiser_does_not():
 def test_scalar_ablation_is_pixel_mean_of_the_polynomial():
     full = build_model(tiny("digits-mulan")).eval()
     scalar = build_model(tiny("digits-mulan-scalar")).eval()
-    with torch.no_grad():
-        for p in full.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    perturb(full, 0.1)
     scalar.load_state_dict(full.state_dict())
     z = full.latent.sample_prior(3, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([0.2, 0.5, 0.8])
@@ -134,7 +123,7 @@ def test_scalar_ablation_is_pixel_mean_of_the_polynomial():
 def test_conditional_sampling_uses_the_given_z():
     from mulan.sampling import ancestral_sample
 
-    m = perturb(build_model(tiny("digits-mulan")), 0.1).eval()  # z reaches the schedule and the denoiser
+    m = model_that_matters("digits-mulan", scale=0.1)  # z reaches the schedule and the denoiser
     z1 = m.latent.sample_prior(3, generator=torch.Generator().manual_seed(0))
     z2 = m.latent.sample_prior(3, generator=torch.Generator().manual_seed(1))
     assert not torch.equal(z1, z2)

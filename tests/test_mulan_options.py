@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny
+from conftest import perturb, tiny
 from mulan.config import ScheduleConfig
+from mulan.diffusion import build_model
 from mulan.schedules import build_schedule
-from mulan.train import build_model
 
 SHAPE = (1, 4, 4)
 
@@ -16,9 +16,7 @@ SHAPE = (1, 4, 4)
 def schedule(learn_ends: str, kind: str = "polynomial", seed: int = 0):
     torch.manual_seed(seed)
     s = build_schedule(ScheduleConfig(kind=kind, decoder="conv", hidden=8, learn_ends=learn_ends), SHAPE, 3)
-    with torch.no_grad():
-        for p in s.parameters():
-            p.add_(0.5 * torch.randn_like(p))  # curved per-pixel schedules and ends moved off their start
+    perturb(s, 0.5)  # curved per-pixel schedules and ends moved off their start
     return s
 
 
@@ -79,9 +77,7 @@ def test_gamma_map_with_a_scalar_schedule_is_the_constant_map():
     """Known answer: under a scalar schedule the map is the rescaled gamma everywhere, so the model's eps_hat
     equals the network fed a constant map by hand."""
     model = build_model(tiny("digits-vdm", "model.denoiser.gamma_input=map")).eval()
-    with torch.no_grad():
-        for p in model.denoiser.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    perturb(model.denoiser, 0.05)
     x_t = torch.randn(3, 1, 8, 8)
     g = model.schedule.bind(None, 3)(torch.tensor([0.1, 0.5, 0.9]))
     level = (g.gamma.reshape(-1) + 13.3) / 18.3  # gamma rescaled by the configured ends
@@ -95,9 +91,7 @@ def test_gamma_map_with_a_scalar_schedule_is_the_constant_map():
 def test_gamma_map_reaches_a_per_pixel_network():
     model = build_model(tiny("digits-mulan", "model.denoiser.gamma_input=map")).eval()
     assert model.denoiser.conv_in.in_channels == 1 + 2 * 2 * 1 + 1  # x, 2 Fourier frequencies (sin, cos), map
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    perturb(model, 0.05)
     x = torch.randint(0, 17, (4, 1, 8, 8))
     terms = model.elbo_terms(x, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(terms.total).all()
@@ -115,10 +109,8 @@ def test_position_input_channels_hold_row_and_column():
         torch.testing.assert_close(coords[0, 0, i], torch.full((8,), -1.0 + step * i))  # row i, every column
         torch.testing.assert_close(coords[0, 1, :, i], torch.full((8,), -1.0 + step * i))  # column i, every row
     assert model.denoiser.conv_in.in_channels == 1 + 2 * 2 + 2
-    perturb_like = [p for p in model.denoiser.parameters()]
+    perturb(model.denoiser, 0.05)
     with torch.no_grad():
-        for p in perturb_like:
-            p.add_(0.05 * torch.randn_like(p))
         x_t, level = torch.randn(2, 1, 8, 8), torch.tensor([0.3, 0.6])
         out = model.denoiser(x_t, level)
         model.denoiser.coords.zero_()  # without the positions the output changes: the channels are used

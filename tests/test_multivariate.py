@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from conftest import perturb
 from mulan.config import ScheduleConfig
 from mulan.schedules import build_schedule
 from mulan.schedules.decoders import build_decoder
@@ -28,14 +29,12 @@ def _ids(case):
         "-nolatent" if m == 0 else "")
 
 
-def make(kind, decoder="conv", adaptive=True, pixel_mean=False, latent_dim=M, perturb=0.5, seed=0, shape=SHAPE):
+def make(kind, decoder="conv", adaptive=True, pixel_mean=False, latent_dim=M, scale=0.5, seed=0, shape=SHAPE):
     """A schedule whose parameters (zero-initialised heads included) are randomly perturbed."""
     torch.manual_seed(seed)
     cfg = ScheduleConfig(kind=kind, decoder=decoder, adaptive=adaptive, pixel_mean=pixel_mean, hidden=16)
     s = build_schedule(cfg, shape, latent_dim)
-    with torch.no_grad():
-        for p in s.parameters():
-            p.add_(perturb * torch.randn_like(p))
+    perturb(s, scale, seed)
     return s, cfg
 
 
@@ -129,7 +128,7 @@ def test_pixel_mean_is_mean_of_per_pixel(kind):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("decoder", DECODERS)
 def test_starts_close_to_linear(kind, decoder):
-    s, cfg = make(kind, decoder, perturb=0.0)
+    s, cfg = make(kind, decoder, scale=0.0)
     t = torch.linspace(0, 1, 11)
     out = s.bind(zs(11), 11)(t)
     span = cfg.gamma_max - cfg.gamma_min

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from conftest import tiny
+from conftest import perturb, tiny
 from mulan.images import SEPARATOR, make_grid
 from mulan.plots import (heatmap_figure, samples_per_z_figure, snr_extremes, snr_figure, training_figure,
                          variance_figure)
-from mulan.train import build_model
+from mulan.diffusion import build_model
 
 
 def texts(fig) -> str:
@@ -30,9 +30,7 @@ def mulan_model():
     """A MuLAN model whose per-pixel schedule really differs between pixels (perturbed z-decoder)."""
     torch.manual_seed(3)
     model = build_model(tiny("digits-mulan")).eval()
-    with torch.no_grad():
-        for p in model.schedule.parameters():
-            p.add_(0.3 * torch.randn_like(p))
+    perturb(model.schedule, 0.3)
     return model
 
 

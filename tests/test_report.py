@@ -7,11 +7,11 @@ import json
 
 import torch
 
-from conftest import tiny
+from conftest import perturb, tiny
 from mulan.data import load_splits
+from mulan.diffusion import build_model
 from mulan.likelihood.stats import mean_ci
 from mulan.report import evaluate_elbo, evaluate_ode
-from mulan.train import build_model
 
 
 def _rows(path):
@@ -42,9 +42,7 @@ def test_ci_is_the_t_interval_of_the_per_image_rows_and_shrinks_with_more_images
 def test_ode_report_rows_average_to_the_summary(tmp_path):
     cfg = tiny("digits-mulan", "eval.ode_rtol=1e-3", "eval.ode_atol=1e-3", "eval.batch_size=4")
     model = build_model(cfg).eval()
-    with torch.no_grad():  # a non-trivial network
-        for p in model.denoiser.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+    perturb(model.denoiser, 0.02)  # a non-trivial network
     _, test = load_splits(cfg.data)
     s = evaluate_ode(model, test, cfg.eval, limit=6, out_dir=tmp_path)
     rows = _rows(tmp_path / f"{s.stem}.csv")

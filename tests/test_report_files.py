@@ -8,21 +8,19 @@ import json
 import pytest
 import torch
 
-from conftest import tiny
+from conftest import perturb, tiny
 from mulan.data import load_splits
+from mulan.diffusion import build_model
 from mulan.errors import OutputError
 from mulan.report import evaluate_elbo, evaluate_ode, report_stem
 from mulan.sampling import ancestral_sample, ode_sampler
-from mulan.train import build_model
 
 
 @pytest.fixture(scope="module")
 def model_and_data():
     cfg = tiny("digits-mulan", "eval.ode_rtol=1e-2", "eval.ode_atol=1e-2", "eval.batch_size=4")
     model = build_model(cfg).eval()
-    with torch.no_grad():  # a non-trivial network
-        for p in model.denoiser.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+    perturb(model.denoiser, 0.02)  # a non-trivial network
     return model, load_splits(cfg.data)[1], cfg
 
 

@@ -138,7 +138,7 @@ def assert_plain_safetensors(path: Path, tensors: dict, cfg) -> None:
 def test_export_safetensors_round_trip_gives_identical_elbo(tmp_path):
     from mulan.checkpoint import load_weights
     from mulan.export import export
-    from mulan.train import build_model
+    from mulan.diffusion import build_model
 
     cfg = tiny("digits-mulan")
     result = train(cfg, tmp_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import perturb
 from mulan.config import ScheduleConfig
 from mulan.schedules import SCALAR_KINDS, build_schedule
 
@@ -18,9 +19,7 @@ def make(kind: str, **kw):
     """A schedule with randomly perturbed parameters (so it is not trivially linear), in float64."""
     torch.manual_seed(1)
     sched = build_schedule(ScheduleConfig(kind=kind, **kw), SHAPE, LATENT).double()
-    with torch.no_grad():
-        for p in sched.parameters():
-            p.add_(0.3 * torch.randn_like(p))
+    perturb(sched, 0.3)
     return sched
 
 

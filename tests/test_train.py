@@ -9,8 +9,9 @@ import torch
 
 from conftest import tiny
 from mulan.checkpoint import load_checkpoint, load_weights
+from mulan.diffusion import build_model
 from mulan.errors import MulanError
-from mulan.train import batch_indices, build_model, lr_at, train
+from mulan.train import batch_indices, lr_at, train
 
 
 def losses(run_dir):

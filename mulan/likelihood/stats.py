@@ -1,4 +1,4 @@
-"""Summaries of per-image likelihoods: bits/dim and a t-interval for the mean."""
+"""Summaries of per-image likelihoods: a t-interval for the mean (bits/dim themselves: :func:`mulan.diffusion.bits_per_dim`)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,6 @@ import math
 import numpy as np
 from scipy import stats
 from torch import Tensor
-
-
-def bits_per_dim(nats: Tensor, num_dims: int) -> Tensor:
-    """nats per image -> bits per dimension, nats / (n ln 2)."""
-    return nats / (num_dims * math.log(2.0))
 
 
 def mean_ci(values: Tensor | np.ndarray, level: float = 0.95) -> tuple[float, float]:

@@ -22,27 +22,25 @@ def _lecun_normal_(weight: Tensor) -> None:
     nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
 
 
+def _vdm_init_(layer: nn.Conv2d | nn.Linear, zero: bool = False) -> nn.Conv2d | nn.Linear:
+    """VDM's init of a layer, in place: lecun-normal weight (``zero=True``: exactly 0) and a zero bias."""
+    if zero:
+        nn.init.zeros_(layer.weight)
+    else:
+        _lecun_normal_(layer.weight)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+    return layer
+
+
 def conv3x3(c_in: int, c_out: int, zero: bool = False) -> nn.Conv2d:
     """3x3 'same' convolution with VDM's init; ``zero=True`` starts it at exactly 0."""
-    conv = nn.Conv2d(c_in, c_out, 3, padding=1)
-    if zero:
-        nn.init.zeros_(conv.weight)
-    else:
-        _lecun_normal_(conv.weight)
-    nn.init.zeros_(conv.bias)
-    return conv
+    return _vdm_init_(nn.Conv2d(c_in, c_out, 3, padding=1), zero)
 
 
 def linear(d_in: int, d_out: int, zero: bool = False, bias: bool = True) -> nn.Linear:
     """Dense layer with VDM's init; ``zero=True`` starts it at exactly 0."""
-    lin = nn.Linear(d_in, d_out, bias=bias)
-    if zero:
-        nn.init.zeros_(lin.weight)
-    else:
-        _lecun_normal_(lin.weight)
-    if bias:
-        nn.init.zeros_(lin.bias)
-    return lin
+    return _vdm_init_(nn.Linear(d_in, d_out, bias=bias), zero)
 
 
 def fourier_features(x: Tensor, n_min: int, n_max: int) -> Tensor:
@@ -85,10 +83,7 @@ class ResnetBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.conv2 = conv3x3(c_out, c_out, zero=True)
         # VDM's 'nin_shortcut' is a Dense over channels, i.e. a 1x1 conv
-        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
-        if c_in != c_out:
-            _lecun_normal_(self.skip.weight)
-            nn.init.zeros_(self.skip.bias)
+        self.skip = _vdm_init_(nn.Conv2d(c_in, c_out, 1)) if c_in != c_out else nn.Identity()
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))

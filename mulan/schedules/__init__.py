@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from mulan.config import ScheduleConfig
+from mulan.config import SCALAR_KINDS, ScheduleConfig
 from mulan.schedules.base import BoundSchedule, GammaOut, Schedule
 from mulan.schedules.scalar import FixedLinear, LearnedLinear, MonotoneNet
-
-SCALAR_KINDS = ("fixed_linear", "learned_linear", "monotone_net")
 
 
 def build_schedule(cfg: ScheduleConfig, shape: tuple[int, ...], latent_dim: int) -> Schedule:
