@@ -112,7 +112,7 @@ def eval_job(spec: Spec, args, seed: int, step: int) -> dict:
     from mulan.checkpoint import load_checkpoint, load_weights
     from mulan.data import load_split
     from mulan.report import measure_elbo, write_per_image, write_summary
-    from mulan.train import build_model
+    from mulan.diffusion import build_model
 
     out = run_dir(args, spec, seed)
     cache = per_image_path(args, spec, seed, step)
