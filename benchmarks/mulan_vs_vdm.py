@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 
 from mulan.compare import PerImage, SeedLevelDifference, read_per_image, seed_level_difference
-from mulan.config import apply_overrides
+from mulan.config import apply_overrides, to_dict
 from mulan.presets import get_preset, latent_cost_bpd
 
 # The configurations compared by default, per data set: the reference first.
@@ -71,6 +71,10 @@ def parse_config(text: str) -> Spec:
     if not name or not preset:
         raise SystemExit(f"--configs entries are NAME=PRESET[:KEY=VALUE,...], got {text!r}")
     return Spec(name, preset, [o for o in over.split(",") if o])
+
+
+# The train settings the benchmark sets on every run (so not part of what a configuration is).
+BENCH_TRAIN_KEYS = ("steps", "seed", "threads", "checkpoint_every", "keep_checkpoints", "eval_every", "log_every")
 
 
 def run_config(spec: Spec, args, seed: int) -> object:
@@ -127,7 +131,8 @@ def eval_job(spec: Spec, args, seed: int, step: int) -> dict:
         summary, columns = measure_elbo(model.eval(), data, time_points=args.time_points, batch_size=256,
                                         seed=args.eval_seed, limit=args.images, checkpoint=str(ckpt), step=step,
                                         weights="ema")
-        summary.extra = {"config": spec.name, "seed": seed, "eval_wall_s": time.perf_counter() - t0}
+        summary.extra = {"config": spec.name, "seed": seed, "eval_wall_s": time.perf_counter() - t0,
+                         "resolved": to_dict(cfg)}  # the configuration as the checkpoint recorded it
         first = data.images[:min(200, summary.images)]
         with torch.no_grad():  # the schedule's ends as trained: pixel-mean gamma(z(x), 0) and gamma(z(x), 1)
             bound = model.condition(first).bound
@@ -361,6 +366,13 @@ def tabulate(args, specs: list[Spec], ref: Spec, rows: list[dict], results: Path
         log = run_dir(args, spec, seed) / "metrics.jsonl"
         if log.is_file():
             train_s[f"{spec.name}-s{seed}"] = train_seconds(log.parent, run_config(spec, args, seed).train.batch_size)
+    resolved = {}
+    for spec in specs:
+        for seed, step in sorted((r["seed"], r["step"]) for r in rows if r["config"] == spec.name):
+            extra = json.loads(per_image_path(args, spec, seed, step).with_suffix(".json").read_text())["extra"]
+            if extra.get("resolved"):
+                resolved[spec.name] = extra["resolved"]
+                break
     n_images = rows[0]["images"] if rows else 0
     split = rows[0]["split"] if rows else args.split
     header = [f"# {args.data}, {split} split: configurations against {ref.name}", "",
@@ -383,7 +395,11 @@ def tabulate(args, specs: list[Spec], ref: Spec, rows: list[dict], results: Path
     (results / "summary.json").write_text(json.dumps({
         "command": sys.argv, "steps": args.steps, "every": args.every, "seeds": args.seeds, "images": n_images,
         "split": split, "time_points": args.time_points, "eval_seed": args.eval_seed, "jobs": args.jobs,
-        "threads_per_job": 1, "reference": ref.name, "configs": [s.__dict__ for s in specs], "train": train_log,
+        "threads_per_job": 1, "reference": ref.name, "configs": [s.__dict__ for s in specs],
+        # each configuration as its checkpoints recorded it at training time (the benchmark's own train settings,
+        # BENCH_TRAIN_KEYS, included): what a preset that claims to be one of these must equal
+        # (tests/test_cli_outputs.py)
+        "resolved": resolved, "train": train_log,
         "train_s_from_logs": train_s, "wall_s": wall}, indent=2))
     if rows:
         plot(rows, specs, ref, results / "curves.png", f"{args.data}: negative ELBO on the {split} split against "
