@@ -256,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model, then evaluate it on the whole test split and sample",
                        epilog="Several processes, GPUs or nodes: torchrun --nproc_per_node N -m mulan train ... "
-                              "(train.batch_size is the global batch; see the README).")
+                              "(train.batch_size is the global batch; see docs/distributed.md).")
     t.add_argument("--preset", default=None,
                    help=f"named configuration (see `mulan presets`); default {DEFAULT_PRESET}; with --resume, "
                         "the run's own (another is refused)")

@@ -187,3 +187,11 @@ def test_the_link_check_finds_a_missing_file_and_a_missing_heading(tmp_path):
 def test_every_docs_page_is_linked_from_the_readme():
     linked = {(README.parent / t.partition("#")[0]).resolve() for t in LINK.findall(prose(README.read_text()))}
     assert set(PAGES[1:]) <= linked
+
+
+def test_every_docs_page_the_code_and_help_name_exists():
+    texts = [p.read_text() for p in (ROOT / "mulan").rglob("*.py")]
+    texts += [parser.format_help() for parser in subcommands().values()]
+    named = {m for text in texts for m in re.findall(r"docs/[\w.-]+\.md", text)}
+    assert "docs/distributed.md" in named  # `mulan train --help` sends readers about torchrun there
+    assert [n for n in sorted(named) if not (ROOT / n).exists()] == []
