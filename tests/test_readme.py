@@ -195,3 +195,14 @@ def test_every_docs_page_the_code_and_help_name_exists():
     named = {m for text in texts for m in re.findall(r"docs/[\w.-]+\.md", text)}
     assert "docs/distributed.md" in named  # `mulan train --help` sends readers about torchrun there
     assert [n for n in sorted(named) if not (ROOT / n).exists()] == []
+
+
+def test_the_headline_quotes_the_test_split_result_the_benchmark_wrote():
+    """The README's and results page's digits claim is the benchmark's own test-split row (mean over seeds,
+    t-interval over seeds), not a number typed in elsewhere."""
+    written = (ROOT / "benchmarks/results/mulan_vs_vdm/digits-test/README.md").read_text()
+    row = next(line for line in written.splitlines() if line.startswith("| ends-map |"))
+    mean, ci = re.search(r"\*\*([-+]\d\.\d{4}) ± (\d\.\d{4})\*\*", row).groups()
+    quoted = f"{mean.replace('-', '−')} ± {ci}"
+    for page in (README, ROOT / "docs" / "results.md"):
+        assert quoted in page.read_text(), (page.name, quoted)
