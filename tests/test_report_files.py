@@ -25,7 +25,7 @@ def model_and_data():
 
 
 def test_names_follow_the_documented_scheme():
-    # README "Measuring likelihood": eval-<estimator>-<split>-<all|firstN>-<settings>-seed<S>-<ema|raw>-step<N>
+    # docs/likelihood.md "Running an evaluation": eval-<estimator>-<split>-<all|firstN>-<settings>-seed<S>-<ema|raw>-step<N>
     elbo = {"time_points": 128, "timesteps": 0, "seed": 0}
     assert report_stem("elbo", "test", 359, False, elbo, "ema", 2500) == "eval-elbo-test-all-S128-seed0-ema-step2500"
     assert (report_stem("elbo", "train", 64, True, {**elbo, "timesteps": 1000, "seed": 3}, "raw", 10)
