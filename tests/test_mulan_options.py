@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -31,10 +33,13 @@ def test_learned_ends_are_exact_and_get_gradients(learn_ends, kind):
     assert b.shape == (() if learn_ends == "scalar" else SHAPE)
     assert torch.equal(g0, (b + torch.zeros(5, *SHAPE)))  # gamma(0) = b exactly, every pixel, every z
     assert torch.equal(g1, (b + w.abs() + torch.zeros(5, *SHAPE)))  # gamma(1) = b + |w| exactly
-    # monotone in between, and the derivative integrates to the learned span
-    t = torch.linspace(0, 1, 401)
-    g = torch.stack([at(torch.full((5,), float(v))).gamma for v in t])
-    assert (g.diff(dim=0) >= -1e-5).all()
+    # monotone in between (checked in float64: in float32 the flat stretch near t = 1 rounds to steps of
+    # -1e-5 on some CPUs), and the derivative integrates to the learned span
+    at64 = copy.deepcopy(s).double().bind(z.double(), 5)
+    t = torch.linspace(0, 1, 401, dtype=torch.float64)
+    g = torch.stack([at64(torch.full((5,), float(v), dtype=torch.float64)).gamma for v in t])
+    assert (g.diff(dim=0) >= -1e-9).all()
+    t = t.float()
     dg = torch.stack([at(torch.full((5,), float(v))).dgamma_dt for v in t])
     integral = torch.trapezoid(dg, t, dim=0)
     torch.testing.assert_close(integral, (w.abs() + torch.zeros(5, *SHAPE)), rtol=2e-3, atol=2e-3)
