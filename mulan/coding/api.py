@@ -151,13 +151,14 @@ def compress_images(coder: CodingModel, images: Tensor, *, timesteps: int = DEFA
 
 
 def check_model(coder: CodingModel, header: Header, name: str, model_name: str = "this model") -> None:
-    """:class:`FileFormatError` unless the file ``name`` was coded with ``coder``'s model (weights, config, shape)."""
+    """:class:`FileFormatError` unless the file ``name`` was coded with ``coder``'s model (weights, config, shape, V)."""
     sha = coder.weights_sha256
     if sha != header.weights_sha256:
         raise FileFormatError(f"{name} was compressed with another model (weights sha256 "
                               f"{header.weights_sha256.hex()[:16]}..., {model_name} has {sha.hex()[:16]}...)")
     cfg = coder.config
-    if container.config_hash(cfg) != header.config_hash or tuple(cfg.data.shape) != header.shape:
+    if (container.config_hash(cfg) != header.config_hash or tuple(cfg.data.shape) != header.shape
+            or cfg.data.num_values != header.num_values):
         raise FileFormatError(f"{name} was compressed with the same weights but another model config")
 
 
