@@ -24,7 +24,7 @@ from conftest import iid_denoiser, model_that_matters, tiny
 from conftest import run_here as cli
 from mulan.checkpoint import save_checkpoint
 from mulan.cli import main
-from mulan.coding import container
+from mulan.coding import api, container
 from mulan.diffusion import Diffusion
 from mulan.images import save_png_folder
 
@@ -112,6 +112,14 @@ def test_compressing_twice_gives_the_same_bytes(checkpoints, compressed, tmp_pat
     proc = cli(capsys, "compress", str(root / "a.pt"), str(root / "in.npz"), "--out", str(again), "--threads", "1", *FAST)
     assert proc.returncode == 0, proc.stderr
     assert again.read_bytes() == compressed.read_bytes()
+
+
+def test_the_python_api_writes_the_bytes_the_command_does(checkpoints, compressed):
+    root, images = checkpoints
+    coder = api.load_model(root / "a.pt")
+    result = api.compress_images(coder, images, timesteps=10, threads=1)
+    assert result.data == compressed.read_bytes()
+    assert torch.equal(api.decompress_bytes(coder, result.data), images)
 
 
 @pytest.mark.parametrize("source", ["in.idx", "pngs", "in.npz"])

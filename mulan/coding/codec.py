@@ -125,6 +125,5 @@ def decode(model: Diffusion, words: np.ndarray, shared_words: int, plan: Plan, *
     images[:seed_images] = seed_part.reshape(seed_images, *shape).to(dtype)
     rest = stack.words()
     if len(rest) != len(init) or common_prefix(rest, init) != len(init):
-        raise CodingError("the decoded stream does not end on the initial message: the file does not match "
-                          "this model, or it was coded on another machine or torch build")
+        raise CodingError("the decoded stream does not end on its initial message")
     return images
