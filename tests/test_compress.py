@@ -1,5 +1,5 @@
-"""Lossless compression by bits-back coding: exact round trips, the coded size against the bound, and every
-bad input refused with one line and nothing written."""
+"""Lossless compression by bits-back coding: exact round trips, the coder's pieces, and the coded size against
+the bound (the command line and its refusals: test_compress_cli.py)."""
 
 from __future__ import annotations
 
