@@ -35,9 +35,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mulan.coding import command, container
+from mulan.coding import api, container
 from mulan.coding.schedule import Plan
 from mulan.coding.simulate import grid_cost
+from mulan.data import read_input
 from mulan.likelihood.elbo import elbo_per_image
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -98,8 +99,8 @@ def bound_at(model, images, T: int, seed: int) -> dict[str, torch.Tensor]:
 
 
 def run(checkpoint: str, T: int, args) -> dict:
-    model, cfg, _ = command.load_model(checkpoint)
-    images = command.read_images(cfg, None, "test")
+    model, cfg, _ = api.load_model(checkpoint)
+    images = read_input(cfg.data, None, "test")
     n_dims = images.numel()
     out: dict = {"checkpoint": checkpoint, "preset": cfg.preset, "T": T, "images": images.shape[0],
                  "dims": n_dims, "grid_bits": args.grid_bits, "batch": args.batch, "threads": args.threads}
@@ -248,8 +249,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoints", nargs="*")
     p.add_argument("--timesteps", type=int, nargs="+", default=[100, 1000])
-    p.add_argument("--grid-bits", type=int, default=command.DEFAULT_GRID_BITS)
-    p.add_argument("--batch", type=int, default=command.DEFAULT_BATCH)
+    p.add_argument("--grid-bits", type=int, default=api.DEFAULT_GRID_BITS)
+    p.add_argument("--batch", type=int, default=api.DEFAULT_BATCH)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default="", help="also write every number to this JSON file")
     p.add_argument("--clean-timing", action="store_true", help="time compress again without the ledger")

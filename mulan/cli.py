@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=cmd_plot_schedule)
 
     from mulan import compare, export
-    from mulan.coding import command as coding
+    from mulan.coding import cli as coding
 
     export.register(sub)
     compare.register(sub)

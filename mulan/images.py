@@ -1,9 +1,13 @@
-"""Samples on disk: PNG grids to look at, ``.npz`` integer arrays to compute with; written atomically."""
+"""Images on disk: PNG grids to look at, ``.npz`` integer arrays to compute with, folders of one PNG per image;
+all written atomically (a file whole or not at all, a folder renamed into place when complete)."""
 
 from __future__ import annotations
 
 import io
 import math
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -41,16 +45,48 @@ def make_grid(images: Tensor, num_values: int, *, nrow: int | None = None, pad: 
     return grid
 
 
-def save_png(grid: Tensor, path: Path) -> None:
-    """Save a uint8 (C, H, W) image (C = 1 or 3) as a PNG."""
+def png_bytes(image: Tensor) -> bytes:
+    """A uint8 (C, H, W) image (C = 1 or 3) encoded as PNG."""
     from PIL import Image
 
-    c, h, w = grid.shape
-    arr = grid.permute(1, 2, 0).cpu().numpy()
-    img = Image.fromarray(arr[:, :, 0] if c == 1 else arr, mode="L" if c == 1 else "RGB")
+    c = image.shape[0]
+    arr = image.permute(1, 2, 0).cpu().numpy()
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    Image.fromarray(arr[:, :, 0] if c == 1 else arr, mode="L" if c == 1 else "RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_png(grid: Tensor, path: Path) -> None:
+    """Save a uint8 (C, H, W) image (C = 1 or 3) as a PNG."""
+    data = png_bytes(grid)
+    atomic_write(Path(path), lambda f: f.write(data))
+
+
+def save_npz(path: Path, **arrays) -> None:
+    """NumPy arrays as one uncompressed .npz, written atomically."""
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
     atomic_write(Path(path), lambda f: f.write(buf.getvalue()))
+
+
+def save_png_folder(images: Tensor, out: Path) -> None:
+    """Images (N, C, H, W) uint8, C = 1 or 3, as a new folder ``out`` of PNGs named by index (000000.png...),
+    built in a temporary folder beside it and renamed into place; an :class:`OutputError` leaves nothing."""
+    out = Path(out)
+    width = max(6, len(str(images.shape[0] - 1)))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for i, image in enumerate(images):
+            (tmp / f"{i:0{width}d}.png").write_bytes(png_bytes(image.to(torch.uint8)))
+        os.rename(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"could not write {out}: {e.strerror or e} (nothing was written)") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def grid_scale(shape: tuple[int, ...], tiles: int, min_size: int = 256) -> int:
@@ -89,6 +125,4 @@ def save_samples(images: Tensor, num_values: int, path: Path, *, z: Tensor | Non
         return
     x = images.cpu().numpy().astype(np.uint8 if num_values <= 256 else np.int32)
     zs = (z.detach().float().cpu().numpy() if z is not None else np.zeros((x.shape[0], 0), np.float32))
-    buf = io.BytesIO()
-    np.savez(buf, images=x, z=zs, num_values=np.int64(num_values))
-    atomic_write(Path(path), lambda f: f.write(buf.getvalue()))
+    save_npz(path, images=x, z=zs, num_values=np.int64(num_values))

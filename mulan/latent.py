@@ -188,8 +188,12 @@ class GaussianLatent(Latent):
         mu, log_var = self.posterior(x_tilde)
         eps = rng.randn(mu.shape, generator, device=mu.device, dtype=mu.dtype)
         z = mu + torch.exp(0.5 * log_var) * eps
-        kl = 0.5 * (mu.square() + log_var.exp() - log_var - 1.0).sum(dim=-1)
-        return LatentOut(z=z, kl=kl, kl_kind="analytic")
+        return LatentOut(z=z, kl=self.kl(mu, log_var), kl_kind="analytic")
+
+    @staticmethod
+    def kl(mu: Tensor, log_var: Tensor) -> Tensor:
+        """KL(N(mu, sigma^2) || N(0, I)) = 1/2 sum(mu^2 + sigma^2 - log sigma^2 - 1), (B,) nats."""
+        return 0.5 * (mu.square() + log_var.exp() - log_var - 1.0).sum(dim=-1)
 
     def sample_prior(self, batch: int, *, generator: Generator = None,
                      device: torch.device | str | None = None) -> Tensor:

@@ -42,6 +42,21 @@ def model_that_matters(preset: str = "digits-vdm", *extra: str, scale: float = 0
     return perturb(build_model(tiny(preset, *extra)), scale, seed).eval()
 
 
+def iid_denoiser(log_prior: torch.Tensor):
+    """``eps_hat(model, x_t, g, z)``: the exact denoiser E[eps | x_t] for images whose pixels are i.i.d. over the
+    V values with log-probabilities ``log_prior`` (V,), for any schedule (scalar or per pixel); ignores z. With it
+    the only model left is the schedule, the Gaussian reverse steps, the discrete decoder and the latent."""
+
+    def eps_hat(model, x_t, g, z):
+        values = model.encode(torch.arange(model.num_values, device=x_t.device)).to(x_t.dtype)
+        a, s = g.alpha2.sqrt().unsqueeze(-1), g.sigma2.sqrt().unsqueeze(-1)
+        logits = log_prior.to(x_t) - 0.5 * ((x_t.unsqueeze(-1) - a * values) / s).square()
+        w = torch.softmax(logits, dim=-1)
+        return (x_t - a.squeeze(-1) * (w * values).sum(-1)) / s.squeeze(-1)
+
+    return eps_hat
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)

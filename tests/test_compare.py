@@ -47,17 +47,43 @@ def test_per_image_bound_does_not_depend_on_batch_size(preset):
     assert not torch.allclose(other.total, b16.total)
 
 
+def _rows(path) -> dict[str, list[float]]:
+    """The columns of a per-image CSV, read with the csv module alone."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {k: [float(r[k]) for r in rows] for k in rows[0] if k != "index"}
+
+
 def test_a_model_compared_with_itself_differs_by_exactly_zero(tmp_path):
+    """Evaluated twice with one seed, a model gets the same per-image bounds, which are the bounds the estimator
+    gives when called directly (another batch size); against a nearby model, the comparison is the paired
+    t-interval of A - B computed here from the numbers the two evaluations wrote (scipy), term by term."""
     model = model_that_matters("digits-mulan")
+    nearby = perturb(model_that_matters("digits-mulan"), 0.01, seed=1)
     _, test = load_splits(tiny("digits-mulan").data)
-    for name in ("a", "b"):
-        evaluate_elbo(model, test, time_points=2, batch_size=16, seed=0, limit=20, out_dir=tmp_path / name)
-    (a_csv,), (b_csv,) = (list((tmp_path / name).glob("eval-elbo-test-first20-S2-seed0*.csv")) for name in "ab")
-    a, b = read_per_image(a_csv), read_per_image(b_csv)
-    check_pairable(a, b)
-    d = paired_difference(a, b)
+    for name, m in (("a", model), ("a2", model), ("b", nearby)):
+        evaluate_elbo(m, test, time_points=2, batch_size=16, seed=0, limit=20, out_dir=tmp_path / name)
+    a_csv, a2_csv, b_csv = (next((tmp_path / name).glob("eval-elbo-test-first20-S2-seed0*.csv")) for name in ("a", "a2", "b"))
+    a, a2, b = read_per_image(a_csv), read_per_image(a2_csv), read_per_image(b_csv)
+
+    check_pairable(a, a2)
+    d = paired_difference(a, a2)
     assert d.mean == 0.0 and d.ci95 == 0.0 and d.images == 20 and d.a_lower == 0.0
     assert all(m == 0.0 and h == 0.0 for m, h in d.terms.values())
+    direct = elbo_per_image(model, test.images[:20], time_points=2, batch_size=7, seed=0).bpd(64).double()
+    torch.testing.assert_close(a.bpd, direct, rtol=1e-6, atol=5e-7)  # float32 sums; the CSV keeps 6 decimals
+
+    check_pairable(a, b)
+    d = paired_difference(a, b)
+    by_hand = {k: [x - y for x, y in zip(va, _rows(b_csv)[k])] for k, va in _rows(a_csv).items()}
+    diff = by_hand["bpd"]
+    assert any(x != 0.0 for x in diff)  # the two models differ image by image
+    half = stats.t.ppf(0.975, len(diff) - 1) * stats.sem(diff)
+    assert d.mean == pytest.approx(sum(diff) / len(diff), abs=1e-9)
+    assert d.ci95 == pytest.approx(half, rel=1e-9)
+    assert d.a_lower == pytest.approx(sum(x < 0 for x in diff) / len(diff))
+    for term in ("recon", "prior", "diffusion", "latent"):
+        assert d.terms[term][0] == pytest.approx(sum(by_hand[term]) / len(diff), abs=1e-9), term
 
 
 def test_common_random_numbers_make_the_paired_interval_much_narrower():

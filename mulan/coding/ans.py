@@ -129,7 +129,7 @@ class Stack:
         for part in reversed(_parts(g, DRAW_STDS)):
             sym = flat[part.idx] - part.offset
             if np.abs(sym).max() > part.half:
-                raise CodingError("internal error: a symbol lies outside the range it was drawn from")
+                raise CodingError("a value lies outside the range it was drawn from")
             full, shift = _rotation(len(part.idx), _rotation_bits(part.std))
             self.coder.encode_reverse(sym.astype(np.int32), _model.QuantizedGaussian(-part.half, part.half),
                                       part.mean, part.std)

@@ -14,8 +14,6 @@ decoder rebuilds identically.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from torch import Tensor
@@ -23,8 +21,9 @@ from torch import Tensor
 from mulan.coding import latents as lat
 from mulan.coding import transitions as tr
 from mulan.coding.ans import CodingError, Stack
-from mulan.coding.ledger import Ledger, bin_bits
-from mulan.diffusion import Diffusion
+from mulan.coding.ledger import LN2, Ledger, bin_bits
+from mulan.diffusion import Diffusion, prior_kl
+from mulan.schedules import GammaOut
 
 
 class ChainCoder:
@@ -88,6 +87,12 @@ class ChainCoder:
         if self.ledger is not None:
             self.ledger.spend(term, self.stack.bits - before)
 
+    def _set_gaussian_z(self, chains: list[int], jz: Tensor) -> None:
+        """Keep each chain's Gaussian latent: its grid indices, and z as the network is given it."""
+        for c, jc in zip(chains, jz):
+            self.jz[c] = jc
+            self.z[c] = lat.latent_from_grid(jc, self.model.dtype, self.model.device)
+
     def _rows(self, chains: list[int]) -> Tensor:
         return torch.tensor([self.first + c for c in chains], dtype=torch.int64)
 
@@ -106,9 +111,7 @@ class ChainCoder:
             q = lat.gaussian_posterior_on_grid(mu.detach().cpu(), log_var.detach().cpu())
             jz = self.stack.pop_gaussian(q)
             self._charge("latent", rows, bin_bits(jz, q), -1.0)
-            for c, jc in zip(chains, jz):
-                self.jz[c] = jc
-                self.z[c] = (jc.to(torch.float64) * lat.gaussian_grid()).to(model.dtype).to(model.device)
+            self._set_gaussian_z(chains, jz)
         self._spend("latent", b)
         steps = torch.zeros(len(chains), dtype=torch.int64)
         g0, g1 = self._gammas(chains, steps, (0, 1))
@@ -122,8 +125,7 @@ class ChainCoder:
         b = self.stack.bits
         self.stack.push_categorical(x.reshape(-1).to(torch.int64), probs)
         self._spend("decoder", b)
-        for c, jc in zip(chains, j0):
-            self.j[c] = jc
+        self.j.update(zip(chains, j0))
         if self.ledger is not None:
             self._charge("draws", rows, bin_bits(j0, q), -1.0)
             recon = -torch.log2(probs.gather(1, x.reshape(-1, 1).long()).reshape(len(chains), -1))
@@ -173,14 +175,13 @@ class ChainCoder:
         b = self.stack.bits
         self.stack.push_gaussian_escaped(j_prev, p)
         self._spend("reverse", b)
-        for c, jc in zip(chains, j):
-            self.j[c] = jc
+        self.j.update(zip(chains, j))
         if self.ledger is not None:
             rows = self._rows(chains)
             self._charge("draws", rows, bin_bits(j, q), -1.0)
             self._charge("reverse", rows, bin_bits(j_prev, p))
             kl = tr.step_kl(x, self._x_tilde(chains), eps_hat, g_p, g).flatten(1).sum(1)
-            self.ledger.expect("diffusion", rows, kl / math.log(2.0))
+            self.ledger.expect("diffusion", rows, kl / LN2)
             self.ledger.step_noise(rows, kl)
 
     def decode_steps(self, chains: list[int], steps: Tensor) -> None:
@@ -190,8 +191,7 @@ class ChainCoder:
         eps_hat = self._eps(x, steps)
         j_prev = self.stack.pop_gaussian_escaped(tr.p_step(x, eps_hat, g_p, g, width_prev))
         self.stack.push_gaussian(j, tr.q_step(j_prev * width_prev, g_p, g, width))
-        for c, jc in zip(chains, j_prev):
-            self.j[c] = jc
+        self.j.update(zip(chains, j_prev))
 
     # --- step T+1 ------------------------------------------------------------------------------------------
     def _last_width(self, chains: list[int]) -> Tensor:
@@ -231,13 +231,10 @@ class ChainCoder:
                 self.z[c] = zc.to(model.dtype).to(model.device)
         elif self.kind == "gaussian":
             jz = self.stack.pop_gaussian_escaped(lat.gaussian_prior_on_grid((len(chains), model.cfg.latent.m)))
-            for c, jc in zip(chains, jz):
-                self.jz[c] = jc
-                self.z[c] = (jc.to(torch.float64) * lat.gaussian_grid()).to(model.dtype).to(model.device)
+            self._set_gaussian_z(chains, jz)
         width = self._last_width(chains)
         j = self.stack.pop_gaussian_escaped(tr.prior(width))
-        for c, jc in zip(chains, j):
-            self.j[c] = jc
+        self.j.update(zip(chains, j))
 
     # --- accounting ----------------------------------------------------------------------------------------
     def _charge(self, term: str, rows: Tensor, bits: Tensor, sign: float = 1.0) -> None:
@@ -245,15 +242,13 @@ class ChainCoder:
             self.ledger.charge(term, rows, bits, sign)
 
     def _expect_prior_and_latent(self, chains: list[int], rows: Tensor, x_tilde: Tensor) -> None:
-        """Closed-form prior KL(q(x_T | x) || N(0, I)) and the latent's cost, in bits."""
+        """The model's own prior KL(q(x_T | x) || N(0, I)) and latent cost, in bits."""
         (g1,) = self._gammas(chains, torch.full((len(chains),), self.T, dtype=torch.int64), (0,))
-        a2, s2 = torch.sigmoid(-g1), torch.sigmoid(g1)
-        kl = 0.5 * (a2 * x_tilde.square() + s2 - torch.log(s2) - 1.0)
-        self.ledger.expect("prior", rows, kl.flatten(1).sum(1) / math.log(2.0))
+        self.ledger.expect("prior", rows, prior_kl(x_tilde, GammaOut(g1, torch.zeros_like(g1))) / LN2)
         if self.kind == "khot":
             cfg = self.model.cfg.latent
             self.ledger.expect("latent", rows, torch.full((len(chains),), lat.log2_khot_states(cfg.m, cfg.k)))
         elif self.kind == "gaussian":
-            mu, log_var = self.model.latent.posterior(self.model.encode(self.images[rows].to(self.model.device)))
-            kl = 0.5 * (mu.square() + log_var.exp() - log_var - 1.0).sum(1)
-            self.ledger.expect("latent", rows, kl.detach().cpu().to(torch.float64) / math.log(2.0))
+            latent = self.model.latent
+            kl = latent.kl(*latent.posterior(self.model.encode(self.images[rows].to(self.model.device))))
+            self.ledger.expect("latent", rows, kl.detach().cpu().to(torch.float64) / LN2)

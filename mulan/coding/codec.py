@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -58,20 +59,16 @@ def run_ticks(coder: ChainCoder, plan: Plan, *, decode: bool, callback: Callback
         mid_mask = ((steps >= 1) & (steps <= T)).numpy()
         mid, mid_steps = chains[mid_mask].tolist(), steps[torch.from_numpy(mid_mask)]
         end = chains[(steps == T + 1).numpy()].tolist()
+        # within a tick the encoder does steps 0, 1..T, T+1 in that order; the decoder undoes them in reverse
         if decode:
-            if end:
-                coder.decode_end(end)
-            if mid:
-                coder.decode_steps(mid, mid_steps)
-            if begin:
-                coder.decode_start(begin)
+            ops = [(end, coder.decode_end), (mid, partial(coder.decode_steps, steps=mid_steps)),
+                   (begin, coder.decode_start)]
         else:
-            if begin:
-                coder.encode_start(begin)
-            if mid:
-                coder.encode_steps(mid, mid_steps)
-            if end:
-                coder.encode_end(end)
+            ops = [(begin, coder.encode_start), (mid, partial(coder.encode_steps, steps=mid_steps)),
+                   (end, coder.encode_end)]
+        for group, op in ops:
+            if group:
+                op(group)
         if callback is not None:
             callback(done, total)
 
@@ -128,6 +125,5 @@ def decode(model: Diffusion, words: np.ndarray, shared_words: int, plan: Plan, *
     images[:seed_images] = seed_part.reshape(seed_images, *shape).to(dtype)
     rest = stack.words()
     if len(rest) != len(init) or common_prefix(rest, init) != len(init):
-        raise CodingError("the decoded stream does not end on the initial message: the file does not match "
-                          "this model, or it was coded on another machine or torch build")
+        raise CodingError("the decoded stream does not end on its initial message")
     return images

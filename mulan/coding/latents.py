@@ -20,6 +20,7 @@ from torch import Tensor
 
 from mulan.coding.ans import Stack
 from mulan.coding.transitions import Gaussian
+from mulan.latent import log_comb
 
 GRID_BITS = 10  # Gaussian latent: grid width 2^-10 (the prior N(0, 1) spans ~2^10 bins per std)
 
@@ -56,8 +57,13 @@ def pop_khot(stack: Stack, batch: int, m: int, k: int) -> Tensor:
 
 
 def log2_khot_states(m: int, k: int) -> float:
-    """log2 C(m, k): the bits a k-hot z costs."""
-    return (math.lgamma(m + 1) - math.lgamma(k + 1) - math.lgamma(m - k + 1)) / math.log(2.0)
+    """log2 C(m, k): the bits a k-hot z costs (the model's strict latent KL, ``mulan.latent.log_comb``, in bits)."""
+    return log_comb(m, k) / math.log(2.0)
+
+
+def latent_from_grid(jz: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The Gaussian latent's grid indices as the z values the network is given."""
+    return (jz.to(torch.float64) * gaussian_grid()).to(dtype).to(device)
 
 
 def gaussian_grid() -> float:

@@ -59,29 +59,28 @@ def grid_cost(model: Diffusion, images: Tensor, *, timesteps: int, grid_bits: in
         t = (ones * (i / T)).to(model.dtype).to(model.device)
         return cond.eps_fn(x.to(model.dtype).to(model.device), t).to("cpu", torch.float64)
 
-    def noise() -> Tensor:
-        return torch.randn(x_tilde.shape, generator=generator, dtype=torch.float64)
+    def draw(q_c: tr.Gaussian, q_b: tr.Gaussian, width: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Both chains' next latent from the same noise (continuous x, binned grid index j), and the bits each
+        pop costs its chain."""
+        e = torch.randn(x_tilde.shape, generator=generator, dtype=torch.float64)
+        x = (q_c.mean + q_c.std * e) * width
+        j = torch.round(q_b.mean + q_b.std * e)
+        return x, j, _log_density_bits(x, q_c, width).flatten(1).sum(1), bin_bits(j, q_b).flatten(1).sum(1)
 
     cost_c = torch.zeros(n_img, dtype=torch.float64)
     cost_b = torch.zeros(n_img, dtype=torch.float64)
     g = {i: gamma(i) for i in (0, 1)}
     w_prev = tr.grid_width(g[0], g[0], g[1], k, first=True)
     q = tr.q_first(x_tilde, g[0], w_prev)
-    e = noise()
-    x_c = (q.mean + q.std * e) * w_prev
-    j_b = torch.round(q.mean + q.std * e)
-    cost_c -= _log_density_bits(x_c, q, w_prev).flatten(1).sum(1)
-    cost_b -= bin_bits(j_b, q).flatten(1).sum(1)
+    x_c, j_b, bits_c, bits_b = draw(q, q, w_prev)
+    cost_c -= bits_c
+    cost_b -= bits_b
     for i in range(1, T + 1):
         g[i + 1] = gamma(i + 1)
         w = tr.grid_width(g[i - 1], g[i], g[i + 1], k, last=(i == T))
-        e = noise()
-        q_c = tr.q_step(x_c, g[i - 1], g[i], w)
-        q_b = tr.q_step(j_b * w_prev, g[i - 1], g[i], w)
-        xi_c = (q_c.mean + q_c.std * e) * w
-        ji_b = torch.round(q_b.mean + q_b.std * e)
-        cost_c -= _log_density_bits(xi_c, q_c, w).flatten(1).sum(1)
-        cost_b -= bin_bits(ji_b, q_b).flatten(1).sum(1)
+        xi_c, ji_b, bits_c, bits_b = draw(tr.q_step(x_c, g[i - 1], g[i], w), tr.q_step(j_b * w_prev, g[i - 1], g[i], w), w)
+        cost_c -= bits_c
+        cost_b -= bits_b
         p_c = tr.p_step(xi_c, eps(xi_c, i), g[i - 1], g[i], w_prev)
         p_b = tr.p_step(ji_b * w, eps(ji_b * w, i), g[i - 1], g[i], w_prev)
         cost_c += _log_density_bits(x_c, p_c, w_prev).flatten(1).sum(1)
