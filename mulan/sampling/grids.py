@@ -24,7 +24,7 @@ GRIDS: dict[str, str] = {
     "t": "uniform in t",
     "logsnr": "uniform in the pixel-mean log-SNR -mean(gamma(z, t)), per sample",
 }
-TABLE = 513  # times at which the pixel-mean gamma is tabulated for the logsnr grid
+TABLE = 129  # times at which the pixel-mean gamma is tabulated for the logsnr grid
 
 
 def time_grid(bound: BoundSchedule, steps: int, batch: int, grid: Grid = "t", *, device=None,
