@@ -13,7 +13,7 @@ from pathlib import Path
 
 from mulan import __version__, distributed, progress
 from mulan.config import Config, apply_overrides, to_dict
-from mulan.errors import ConfigError, MulanError, OutputError
+from mulan.errors import ConfigError, DataError, MulanError, OutputError
 from mulan.loading import CHECKPOINT_HELP, add_load_options, load_from_args
 from mulan.presets import get_preset, latent_cost_bpd, preset_names
 
@@ -195,38 +195,179 @@ def cmd_eval(args) -> None:
     print(f"per-image results: {out / summary.stem}.csv; summary: {out / summary.stem}.json")
 
 
-def cmd_sample(args) -> None:
+SAMPLER_DEFAULT_STEPS = {"ddim": 50, "dpm2m": 20}  # fixed-step samplers other than ancestral (eval.sample_steps)
+
+
+def sampler_settings(args, cfg=None) -> dict:
+    """The checked keyword options of :func:`mulan.sampling.sample` from --sampler, --steps, --eta and --grid
+    (without ``cfg``, the run's config, only the checks: call it before loading a model)."""
+    from mulan.sampling import DEFAULT_GRID, GRIDS, SAMPLERS
+
+    name = args.sampler
+    if name not in SAMPLERS:
+        raise ConfigError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)} (see --help)")
+    if args.eta is not None and name != "ddim":
+        raise ConfigError(f"--eta applies to the ddim sampler only, not {name}")
+    if args.eta is not None and not 0.0 <= args.eta <= 1.0:
+        raise ConfigError(f"--eta {args.eta}: must be in [0, 1] (0 deterministic, 1 ancestral)")
+    if args.grid is not None and args.grid not in GRIDS:
+        raise ConfigError(f"unknown --grid {args.grid!r}; choose one of {', '.join(GRIDS)}")
+    if name == "ode" and (args.steps is not None or args.grid is not None):
+        raise ConfigError("--steps and --grid set the fixed-step samplers; the ODE sampler's tolerances are "
+                          "eval.ode_rtol and eval.ode_atol")
+    _positive("--steps", args.steps, " (sampler steps; eval.sample_steps sets the ancestral default)")
+    if cfg is None:
+        return {}
+    if name == "ode":
+        return {"sampler": name, "rtol": cfg.eval.ode_rtol, "atol": cfg.eval.ode_atol, "method": cfg.eval.ode_method}
+    steps = args.steps or (cfg.eval.sample_steps if name == "ancestral" else SAMPLER_DEFAULT_STEPS[name])
+    grid = args.grid or ("t" if name == "ancestral" else DEFAULT_GRID)
+    return {"sampler": name, "steps": steps, "grid": grid, "eta": args.eta or 0.0}
+
+
+def describe_sampler(settings: dict) -> str:
+    """'dpm2m-T20-logsnr', 'ddim-eta0.5-T50-t', 'ancestral-T1000' (t grid), 'ode': names files and rows."""
+    name = settings["sampler"]
+    if name == "ode":
+        return "ode"
+    eta = f"-eta{settings['eta']:g}" if name == "ddim" and settings["eta"] else ""
+    grid = "" if name == "ancestral" and settings["grid"] == "t" else f"-{settings['grid']}"
+    return f"{name}{eta}-T{settings['steps']}{grid}"
+
+
+def fixed_z(model, text: str | None, num: int):
+    """--z: the k-hot z with the listed active units ('2,5'), or a Gaussian latent's m values; None when not given."""
     import torch
 
+    if text is None:
+        return None
+    kind, m = model.cfg.latent.kind, model.latent.dim
+    if kind == "none":
+        raise ConfigError("--z: this model has no latent z (its schedule does not depend on one)")
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--z {text!r}: expected comma-separated numbers, e.g. --z 2,5") from None
+    if kind == "khot":
+        k = model.cfg.latent.k
+        units = sorted({int(v) for v in values})
+        if len(values) != k or len(units) != k or any(v != int(v) or not 0 <= v < m for v in values):
+            raise ConfigError(f"--z {text}: a k-hot z lists its {k} distinct active units, each in 0..{m - 1}")
+        z = torch.zeros(m)
+        z[units] = 1.0
+    else:
+        if len(values) != m:
+            raise ConfigError(f"--z {text}: this model's Gaussian latent has m={m} values, {len(values)} given")
+        z = torch.tensor(values)
+    return z.to(model.device, model.dtype).expand(num, m).contiguous()
+
+
+def z_text(model, z_given) -> str:
+    """What the output says about z."""
+    if model.cfg.latent.kind == "none":
+        return "no latent z"
+    if z_given is None:
+        return "z drawn from the prior p(z) for each sample"
+    if model.cfg.latent.kind == "khot":
+        return "one fixed z = {" + ", ".join(map(str, z_given[0].nonzero().flatten().tolist())) + "} for every sample"
+    return "one fixed z for every sample"
+
+
+def draw_samples(run, settings: dict, num: int, seed: int, z_arg: str | None, show: bool):
+    """(images, z used, z description) from a loaded run with the checked sampler ``settings``."""
+    import torch
+
+    from mulan.sampling import sample
+
+    model = run.model
+    gen = torch.Generator(model.device).manual_seed(seed)
+    z_given = fixed_z(model, z_arg, num)
+    # the prior draw the sampler would make, taken here so the .npz can record each sample's z
+    z = z_given if z_given is not None else model.latent.sample_prior(num, generator=gen, device=model.device)
+    steps = settings.get("steps")
+    unit = "evaluations" if steps is None else "steps"
+    with progress.bar(f"sampling {num} images ({describe_sampler(settings)})", unit, show, total=steps) as cb:
+        images = sample(model, num, z=z, generator=gen, callback=cb, **settings)
+    return images, z, z_text(model, z_given)
+
+
+def cmd_sample(args) -> None:
     from mulan.checkpoint import refuse_existing
     from mulan.images import check_format, save_samples
-    from mulan.sampling import ancestral_sample, ode_sampler
 
-    if args.sampler == "ode" and args.steps is not None:
-        raise ConfigError("--steps sets the ancestral sampler; the ODE sampler's tolerances are eval.ode_rtol "
-                          "and eval.ode_atol")
     if args.out:
         check_format(Path(args.out))  # before any work
-    run = load_from_args(args, (("--num", "eval.num_samples", args.num), ("--steps", "eval.sample_steps", args.steps)))
-    model, cfg = run.model, run.config
-    num, steps = cfg.eval.num_samples, cfg.eval.sample_steps
-    how = f"ancestral-T{steps}" if args.sampler == "ancestral" else "ode"
+    sampler_settings(args)
+    run = load_from_args(args, (("--num", "eval.num_samples", args.num),))
+    cfg = run.config
+    settings = sampler_settings(args, cfg)
+    num, how = cfg.eval.num_samples, describe_sampler(settings)
     out = Path(args.out) if args.out else run.run_dir / f"samples-{how}-n{num}-seed{args.seed}-{run.weights}-step{run.step}.png"
     refuse_existing([out], args.overwrite)
     _writable_dir(out.parent)
-    gen = torch.Generator(model.device).manual_seed(args.seed)
-    z = model.latent.sample_prior(num, generator=gen, device=model.device)  # the draw the sampler would make
-    show = progress.wanted(args.no_progress)
-    if args.sampler == "ode":
-        with progress.bar(f"ODE sampling {num} images", "evaluations", show) as cb:
-            images = ode_sampler(model, num, z=z, rtol=cfg.eval.ode_rtol, atol=cfg.eval.ode_atol,
-                                 method=cfg.eval.ode_method, generator=gen, callback=cb)
-    else:
-        with progress.bar(f"sampling {num} images", "steps", show, total=steps) as cb:
-            images = ancestral_sample(model, num, steps=steps, z=z, generator=gen, callback=cb)
+    t0 = time.perf_counter()
+    images, z, z_note = draw_samples(run, settings, num, args.seed, args.z, progress.wanted(args.no_progress))
     save_samples(images, cfg.data.num_values, out, z=z)
-    print(f"wrote {images.shape[0]} samples ({how.replace('-T', ', T=')}, seed {args.seed}, "
-          f"{'raw' if args.raw else 'EMA'} weights of step {run.step}) to {out}")
+    print(f"wrote {images.shape[0]} samples ({how}; {z_note}; seed {args.seed}, "
+          f"{'raw' if args.raw else 'EMA'} weights of step {run.step}; {time.perf_counter() - t0:.1f} s) to {out}")
+
+
+def cmd_score(args) -> None:
+    import numpy as np
+    import torch
+
+    from mulan.quality import data_config, score
+
+    _positive("--bootstrap", args.bootstrap, " (resamples for the intervals)")
+    _positive("--k", args.k, " (neighbours of the precision/recall manifolds)")
+    source = Path(args.samples)
+    if source.suffix.lower() == ".npz":
+        if not args.data:
+            raise ConfigError("--data NAME is needed to score an .npz file (digits or fashion-mnist)")
+        if args.overrides or args.sampler is not None or args.z is not None or args.num is not None:
+            raise ConfigError("sampler settings, --num, --z and overrides apply to a checkpoint or run folder, not "
+                              "an .npz of samples")
+        try:
+            with np.load(source) as npz:
+                images = torch.from_numpy(np.asarray(npz["images"]).astype(np.int64))
+                num_values = int(npz["num_values"]) if "num_values" in npz else None
+        except (OSError, ValueError, KeyError, EOFError) as e:
+            raise DataError(f"cannot read samples {source}: {type(e).__name__}: {e}".splitlines()[0]) from None
+        cfg = _score_data(data_config, args.data)
+        what = f"{source}"
+    else:
+        args.sampler = args.sampler or "ancestral"
+        sampler_settings(args)
+        run = load_from_args(args, (("--num", "eval.num_samples", args.num),))
+        cfg = run.config.data
+        if args.data and args.data != cfg.name:
+            raise ConfigError(f"--data {args.data}: the model was trained on {cfg.name}")
+        settings = sampler_settings(args, run.config)
+        images, _, z_note = draw_samples(run, settings, run.config.eval.num_samples, args.seed, args.z,
+                                         progress.wanted(args.no_progress))
+        num_values, what = cfg.num_values, f"{run.path} ({describe_sampler(settings)}; {z_note}; seed {args.seed})"
+        cfg = _score_data(data_config, cfg.name) if cfg.name in ("digits", "fashion-mnist") else cfg
+    if num_values is not None and num_values != cfg.num_values:
+        raise DataError(f"{source} holds images with num_values={num_values}, but {cfg.name} has {cfg.num_values}")
+    try:
+        report = score(images, cfg, cache=args.cache, k=args.k, bootstrap=args.bootstrap, seed=args.seed)
+    except ValueError as e:
+        raise DataError(f"{source}: {e}") from None
+    print(f"scored: {what}")
+    print("\n".join(report.lines()))
+    if args.out:
+        from mulan.checkpoint import atomic_write
+
+        payload = json.dumps({"scored": what, **report.as_dict()}, indent=2).encode()
+        atomic_write(Path(args.out), lambda f: f.write(payload))
+        print(f"wrote {args.out}")
+
+
+def _score_data(data_config, name: str):
+    try:
+        return data_config(name)
+    except ValueError as e:
+        raise ConfigError(f"--data: {e}") from None
 
 
 def cmd_plot_schedule(args) -> None:
@@ -247,6 +388,33 @@ def cmd_plot_schedule(args) -> None:
 
 
 # --- parser -------------------------------------------------------------------------------------------------
+
+def sampler_list() -> str:
+    """One line per sampler, for --help."""
+    from mulan.sampling import SAMPLERS
+
+    width = max(map(len, SAMPLERS))
+    return "\n".join(f"  {name:<{width}}  {text}" for name, text in SAMPLERS.items())
+
+
+def add_sampler_options(parser) -> None:
+    """--sampler, --steps, --eta, --grid, --z and --seed (checked by :func:`sampler_settings`)."""
+    from mulan.sampling import DEFAULT_GRID
+
+    parser.add_argument("--sampler", default=None, metavar="NAME",
+                        help="ancestral (default), ode, ddim or dpm2m (listed above)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="steps of a fixed-step sampler, >= 1 (default: eval.sample_steps for ancestral, "
+                             f"{SAMPLER_DEFAULT_STEPS['ddim']} for ddim, {SAMPLER_DEFAULT_STEPS['dpm2m']} for dpm2m)")
+    parser.add_argument("--eta", type=float, default=None, help="ddim only: 0 deterministic (default) .. 1 ancestral")
+    parser.add_argument("--grid", default=None, metavar="t|logsnr",
+                        help=f"step grid: uniform in t, or uniform in the pixel-mean log-SNR per sample (default "
+                             f"{DEFAULT_GRID} for ddim and dpm2m, t for ancestral)")
+    parser.add_argument("--z", default=None, metavar="UNITS",
+                        help="one fixed z for every sample: a k-hot z's active units, e.g. 2,5 (default: z drawn "
+                             "from the prior p(z) for each sample)")
+    parser.add_argument("--seed", type=int, default=0)
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mulan", description="Diffusion models with learned, multivariate, "
@@ -288,17 +456,38 @@ def build_parser() -> argparse.ArgumentParser:
     add_load_options(e, "result files")
     e.set_defaults(func=cmd_eval)
 
-    s = sub.add_parser("sample", help="draw samples from a checkpoint: a PNG grid or an .npz of integer arrays")
+    s = sub.add_parser("sample", help="draw samples from a checkpoint: a PNG grid or an .npz of integer arrays",
+                       description="Samplers (--sampler):\n" + sampler_list(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("checkpoint", help=CHECKPOINT_HELP)
     s.add_argument("--num", type=int, default=None, help="number of images, >= 1 (sets eval.num_samples)")
-    s.add_argument("--sampler", choices=["ancestral", "ode"], default="ancestral",
-                   help="ancestral (T steps) or the probability-flow ODE (adaptive, eval.ode_* tolerances)")
-    s.add_argument("--steps", type=int, default=None, help="ancestral steps T >= 1 (sets eval.sample_steps)")
-    s.add_argument("--seed", type=int, default=0)
+    add_sampler_options(s)
     s.add_argument("--out", help="file: .png (a grid) or .npz (images (N, C, H, W) integers 0..V-1 and the z of each); "
                                  "default RUN_DIR/samples-<sampler>-n<N>-seed<S>-<ema|raw>-step<N>.png")
     add_load_options(s, "an --out file")
-    s.set_defaults(func=cmd_sample)
+    s.set_defaults(func=cmd_sample, sampler="ancestral")
+
+    q = sub.add_parser("score", help="sample quality offline: Fréchet distance, precision/recall and class histogram "
+                                     "of classifier features, beside the noise floor",
+                       description="Scores SAMPLES (an .npz written by `mulan sample --out X.npz`, with --data NAME) or "
+                                   "samples drawn now from a checkpoint or run folder (sampler options as for "
+                                   "`mulan sample`) against the test split of a labelled dataset (digits, "
+                                   "fashion-mnist), using the features of a classifier trained here on the training "
+                                   "split and cached under --cache. Every number has a 95% bootstrap interval and "
+                                   "stands beside its floor: the same score for as many training images. See "
+                                   "docs/sampling.md.")
+    q.add_argument("samples", metavar="SAMPLES", help="an .npz of samples, or " + CHECKPOINT_HELP)
+    q.add_argument("--data", default=None, help="the labelled dataset: digits or fashion-mnist (an .npz needs it)")
+    q.add_argument("--num", type=int, default=None, help="images to draw from a checkpoint, >= 1 (sets "
+                                                         "eval.num_samples)")
+    add_sampler_options(q)
+    q.add_argument("--cache", default=None, help="folder of the classifier weights (default $MULAN_CACHE, else "
+                                                  "~/.cache/mulan); trained there once when missing")
+    q.add_argument("--k", type=int, default=3, help="nearest neighbours of the precision/recall manifolds (default 3)")
+    q.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples of the intervals (default 200)")
+    q.add_argument("--out", default=None, help="also write the score as JSON to this file")
+    add_load_options(q, "an --out file")
+    q.set_defaults(func=cmd_score)
 
     f = sub.add_parser("plot-schedule", help="PNG figures of the learned noise schedule of a checkpoint")
     f.add_argument("checkpoint", help=CHECKPOINT_HELP)

@@ -88,3 +88,35 @@ def load_fashion_mnist(cfg: DataConfig) -> RawSplits:
         require_dir(folder, "Fashion-MNIST folder")
     train_path, test_path = find_fashion_mnist(folder, "train"), find_fashion_mnist(folder, "test")
     return RawSplits(read_idx_images(train_path), read_idx_images(test_path), str(train_path), str(test_path))
+
+
+FASHION_MNIST_LABEL_STEMS = {"train": "train-labels-idx1-ubyte", "test": "t10k-labels-idx1-ubyte"}
+LABELS_HEADER_BYTES = 8
+
+
+def read_idx_labels(path: Path) -> Tensor:
+    """The labels of an IDX label file (optionally gzipped): magic 0x00000801, a big-endian uint32 N, N bytes."""
+    what = "IDX label file"
+    require_file(path, what)
+    with reading(path, what), open_maybe_gzip(path) as stream:
+        header = read_at_most(stream, LABELS_HEADER_BYTES)
+        if len(header) < LABELS_HEADER_BYTES or int.from_bytes(header[:4], "big") != LABELS_MAGIC:
+            raise DataError(f"{what} {path} does not start with the label magic 0x{LABELS_MAGIC:08x} and a count")
+        (n,) = struct.unpack(">I", bytes(header[4:]))
+        body = read_at_most(stream, n + 1)
+    if len(body) != n:
+        raise DataError(f"{what} {path} announces {n} labels but holds {len(body)} bytes")
+    return torch.frombuffer(body, dtype=torch.uint8).long()
+
+
+def fashion_mnist_labels(cfg: DataConfig) -> tuple[Tensor, Tensor]:
+    """(train, test) labels of Fashion-MNIST from the folder :func:`load_fashion_mnist` reads."""
+    folder = resolve(cfg.path) if cfg.path else FASHION_MNIST_DIR
+    found = []
+    for split, stem in FASHION_MNIST_LABEL_STEMS.items():
+        tried = [folder / f"{stem}.gz", folder / stem]
+        path = next((p for p in tried if p.is_file()), None)
+        if path is None:
+            raise DataError(f"Fashion-MNIST {split} labels not found; tried {', '.join(map(str, tried))}")
+        found.append(read_idx_labels(path))
+    return found[0], found[1]

@@ -1,0 +1,206 @@
+"""Sample quality against sampler steps, for a learned-VDM and a MuLAN checkpoint, with wall time per 1,000 samples.
+
+For each model (``--vdm RUN``, ``--mulan RUN``: run folders or checkpoints of the same labelled dataset) and each
+sampler (ancestral, DDIM eta = 0, the second-order dpm2m) at each step count (``--steps``), draws ``--num`` images
+(seeded; MuLAN's z from the prior per sample) and scores them with ``mulan score`` (Fréchet distance of classifier
+features to the test split, k-NN precision/recall, class total variation, 95% bootstrap intervals over the
+samples), beside the floor (as many training images). The deterministic samplers also run on both step grids
+(``t``, ``logsnr``) at the steps of ``--grid-steps``, which decides the default grid.
+
+    # digits (train the two models first, e.g. mulan train --preset digits-vdm --out runs/digits-vdm)
+    python benchmarks/sampling.py --vdm runs/digits-vdm --mulan runs/digits-mulan-ends-map --num 1000
+    # Fashion-MNIST checkpoints, fewer steps and samples
+    python benchmarks/sampling.py --vdm RUN_A --mulan RUN_B --num 1000 --out benchmarks/results/sampling/fashion
+
+Writes into ``--out``: ``results.json`` (every row: model, sampler, steps, grid, wall time, full score),
+``README.md`` (the tables, with the command, seeds, threads and wall time) and ``samples.png`` (one grid of the
+first samples per row).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mulan.loading import load  # noqa: E402
+from mulan.quality import data_config, score  # noqa: E402
+from mulan.quality.classifier import load_or_train  # noqa: E402
+from mulan.sampling import sample  # noqa: E402
+
+SAMPLERS = ("ancestral", "ddim", "dpm2m")
+TILES = 16  # samples per row of the figure
+
+
+def draw(model, sampler: str, steps: int, grid: str, num: int, seed: int, batch: int) -> tuple[torch.Tensor, float]:
+    """``num`` images in batches (each batch seeded by (seed, batch index)) and the wall time in seconds."""
+    t0 = time.perf_counter()
+    parts = []
+    for b, start in enumerate(range(0, num, batch)):
+        gen = torch.Generator(model.device).manual_seed(seed * 1_000_003 + b)
+        parts.append(sample(model, min(batch, num - start), sampler=sampler, steps=steps, grid=grid, generator=gen).cpu())
+    return torch.cat(parts), time.perf_counter() - t0
+
+
+def fmt(est: dict, digits: int = 2) -> str:
+    return f"{est['value']:.{digits}f} [{est['lo']:.{digits}f}, {est['hi']:.{digits}f}]"
+
+
+def tables(rows: list[dict], models: list[str], steps: list[int], default_grid: str) -> list[str]:
+    out = []
+    floor = rows[0]["score"]["floor"]
+    out.append(f"Floor (test split vs {floor['count']} training images): FD {fmt(floor['fd'])}, precision "
+               f"{fmt(floor['precision'])}, recall {fmt(floor['recall'])}, class TV {fmt(floor['class_tv'])}.")
+    main = [r for r in rows if r["sampler"] == "ancestral" and r["grid"] == "t" or r["sampler"] != "ancestral"
+            and r["grid"] == default_grid]
+    for model in models:
+        out += ["", f"### {model}: FD to the test split (95% bootstrap interval) against steps", "",
+                "| sampler | " + " | ".join(str(s) for s in steps) + " |", "|---|" + "---|" * len(steps)]
+        for sampler in SAMPLERS:
+            cells = []
+            for s in steps:
+                r = next((r for r in main if r["model"] == model and r["sampler"] == sampler and r["steps"] == s), None)
+                cells.append(fmt(r["score"]["samples"]["fd"]) if r else "-")
+            out.append(f"| {sampler} | " + " | ".join(cells) + " |")
+    out += ["", "### Wall time per 1,000 samples (s)", "",
+            "| model | sampler | " + " | ".join(str(s) for s in steps) + " |", "|---|---|" + "---|" * len(steps)]
+    for model in models:
+        for sampler in SAMPLERS:
+            cells = []
+            for s in steps:
+                r = next((r for r in main if r["model"] == model and r["sampler"] == sampler and r["steps"] == s), None)
+                cells.append(f"{1000 * r['wall_s'] / r['num']:.0f}" if r else "-")
+            out.append(f"| {model} | {sampler} | " + " | ".join(cells) + " |")
+    if len(models) == 2:
+        out += ["", f"### {models[1]} against {models[0]} at equal steps (FD, precision, recall)", "",
+                f"| sampler | steps | FD {models[0]} | FD {models[1]} | precision {models[0]} | precision {models[1]} "
+                f"| recall {models[0]} | recall {models[1]} |", "|---|---|---|---|---|---|---|---|"]
+        for sampler in SAMPLERS:
+            for s in steps:
+                pair = [next((r for r in main if r["model"] == m and r["sampler"] == sampler and r["steps"] == s), None)
+                        for m in models]
+                if all(pair):
+                    a, b = (p["score"]["samples"] for p in pair)
+                    out.append(f"| {sampler} | {s} | {fmt(a['fd'])} | {fmt(b['fd'])} | {fmt(a['precision'])} | "
+                               f"{fmt(b['precision'])} | {fmt(a['recall'])} | {fmt(b['recall'])} |")
+    grid_rows = [r for r in rows if r["sampler"] != "ancestral"]
+    if {r["grid"] for r in grid_rows} >= {"t", "logsnr"}:
+        out += ["", "### Step grid: FD with the t grid against the log-SNR grid", "",
+                "| model | sampler | steps | grid t | grid logsnr |", "|---|---|---|---|---|"]
+        for model in models:
+            for sampler in ("ddim", "dpm2m"):
+                for s in sorted({r["steps"] for r in grid_rows}):
+                    pick = {r["grid"]: r for r in grid_rows if r["model"] == model and r["sampler"] == sampler
+                            and r["steps"] == s}
+                    if {"t", "logsnr"} <= set(pick):
+                        out.append(f"| {model} | {sampler} | {s} | {fmt(pick['t']['score']['samples']['fd'])} | "
+                                   f"{fmt(pick['logsnr']['score']['samples']['fd'])} |")
+    out += ["", "### Target: a 20-step sampler within 10% of the 1000-step ancestral FD", ""]
+    for model in models:
+        ref = next((r for r in main if r["model"] == model and r["sampler"] == "ancestral" and r["steps"] == 1000), None)
+        fast = [r for r in main if r["model"] == model and r["steps"] == 20]
+        if ref is None or not fast:
+            out.append(f"- {model}: needs 20 and 1000 in --steps")
+            continue
+        best = min(fast, key=lambda r: r["score"]["samples"]["fd"]["value"])
+        a, b = best["score"]["samples"]["fd"]["value"], ref["score"]["samples"]["fd"]["value"]
+        out.append(f"- {model}: best 20-step sampler {best['sampler']} FD {a:.2f} vs ancestral-1000 FD {b:.2f}: "
+                   f"{100 * (a / b - 1):+.1f}% ({'met' if a <= 1.1 * b else 'not met'})")
+    return out
+
+
+def figure(rows: list[dict], images: dict, num_values: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mulan.images import make_grid
+
+    fig, axes = plt.subplots(len(rows), 1, figsize=(8, 0.7 * len(rows) + 0.5), squeeze=False)
+    for ax, row in zip(axes[:, 0], rows):
+        grid = make_grid(images[row["label"]][:TILES], num_values, nrow=TILES, scale=2, pad=2)
+        ax.imshow(grid.permute(1, 2, 0).numpy())
+        ax.set_xticks([]), ax.set_yticks([])
+        ax.set_ylabel(row["label"], rotation=0, ha="right", va="center", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--vdm", required=True, help="learned-VDM run folder or checkpoint")
+    p.add_argument("--mulan", required=True, help="MuLAN run folder or checkpoint (same dataset)")
+    p.add_argument("--num", type=int, default=1000, help="samples per row")
+    p.add_argument("--steps", default="5,10,20,50,100,1000", help="comma-separated step counts")
+    p.add_argument("--grid-steps", default="10,20", help="steps at which both grids are compared (ddim, dpm2m)")
+    p.add_argument("--default-grid", default="logsnr", help="grid of the main tables for ddim and dpm2m")
+    p.add_argument("--max-ancestral", type=int, default=1000, help="skip ancestral rows above this many steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=500, help="images per sampler call")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--bootstrap", type=int, default=200)
+    p.add_argument("--cache", default=None, help="classifier cache folder (default $MULAN_CACHE or ~/.cache/mulan)")
+    p.add_argument("--out", default="benchmarks/results/sampling/digits")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    steps = [int(s) for s in args.steps.split(",")]
+    grid_steps = [int(s) for s in args.grid_steps.split(",") if s]
+    runs = {"vdm": load(args.vdm), "mulan": load(args.mulan)}
+    names = {r.config.data.name for r in runs.values()}
+    if len(names) != 1:
+        sys.exit(f"sampling.py: error: the two models were trained on different data: {sorted(names)}")
+    cfg = data_config(names.pop())
+    classifier = load_or_train(cfg, args.cache)
+    plan = []
+    for model in runs:
+        for sampler in SAMPLERS:
+            for s in steps:
+                if sampler == "ancestral" and s > args.max_ancestral:
+                    continue
+                plan.append((model, sampler, s, "t" if sampler == "ancestral" else args.default_grid))
+            if sampler != "ancestral":
+                other = "t" if args.default_grid == "logsnr" else "logsnr"
+                plan += [(model, sampler, s, other) for s in grid_steps]
+    rows, images = [], {}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for model, sampler, s, grid in plan:
+        x, wall = draw(runs[model].model, sampler, s, grid, args.num, args.seed, args.batch)
+        report = score(x, cfg, k=3, bootstrap=args.bootstrap, seed=args.seed, classifier=classifier)
+        label = f"{model} {sampler} {s} {grid}"
+        images[label] = x
+        row = {"label": label, "model": model, "sampler": sampler, "steps": s, "grid": grid, "num": args.num,
+               "wall_s": wall, "score": report.as_dict()}
+        rows.append(row)
+        print(f"{label}: FD {fmt(row['score']['samples']['fd'])} (floor {fmt(row['score']['floor']['fd'])}), "
+              f"{wall:.1f} s", flush=True)
+    models = list(runs)
+    text = tables(rows, models, steps, args.default_grid)
+    total = time.perf_counter() - t_start
+    header = [f"# Sampling benchmark: {cfg.name}", "",
+              f"Command: `python benchmarks/sampling.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
+              f"Models: vdm = {runs['vdm'].path} (step {runs['vdm'].step}), mulan = {runs['mulan'].path} "
+              f"(step {runs['mulan'].step}), EMA weights; {args.num} samples per row, seed {args.seed} (batch b "
+              f"seeded by seed * 1000003 + b), MuLAN's z drawn from the prior per sample; torch threads "
+              f"{args.threads} on {platform.processor() or platform.machine()}; classifier sha256 "
+              f"{classifier.sha256[:16]}... (test accuracy {100 * classifier.test_accuracy:.1f}%); "
+              f"{args.bootstrap} bootstrap resamples; total wall time {total / 60:.1f} min.", ""]
+    (out / "README.md").write_text("\n".join(header + text) + "\n")
+    (out / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows, "wall_s": total}, indent=2))
+    figure(rows, images, cfg.num_values, out / "samples.png")
+    print("\n".join(text))
+    print(f"wrote {out / 'README.md'}, {out / 'results.json'}, {out / 'samples.png'}")
+
+
+if __name__ == "__main__":
+    main()
