@@ -196,7 +196,7 @@ def test_eval_and_sample_draw_progress_bars(run_dir, tmp_path, terminal):
                        "eval.ode_rtol=1e-2", "eval.ode_atol=1e-2")
     assert code == 0 and re.search(r"ODE, test split: 100%.*2/2 images", err), err
     code, _, err = cli("sample", ckpt, "--num", "2", "--steps", "3", "--out", str(tmp_path / "s.png"))
-    assert code == 0 and re.search(r"sampling 2 images: 100%.*3/3 steps", err), err
+    assert code == 0 and re.search(r"sampling 2 images \(ancestral-T3\): 100%.*3/3 steps", err), err
     code, _, err = cli("sample", ckpt, "--num", "2", "--steps", "3", "--out", str(tmp_path / "t.png"), "--no-progress")
     assert code == 0 and err == ""
 
