@@ -1,16 +1,18 @@
 """Sample quality against sampler steps, for a learned-VDM and a MuLAN checkpoint, with wall time per 1,000 samples.
 
 For each model (``--vdm RUN``, ``--mulan RUN``: run folders or checkpoints of the same labelled dataset) and each
-sampler (ancestral, DDIM eta = 0, the second-order dpm2m) at each step count (``--steps``), draws ``--num`` images
-(seeded; MuLAN's z from the prior per sample) and scores them with ``mulan score`` (Fréchet distance of classifier
-features to the test split, k-NN precision/recall, class total variation, 95% bootstrap intervals over the
-samples), beside the floor (as many training images). The deterministic samplers also run on both step grids
-(``t``, ``logsnr``) at the steps of ``--grid-steps``, which decides the default grid.
+row of ``--samplers`` (ancestral; DDIM eta = 0; the second-order dpm2m, deterministic; dpm2m-sde, its stochastic
+form with eta = 1) at each step count (``--steps``), draws ``--num`` images (seeded; MuLAN's z from the prior per
+sample) and scores them with ``mulan score`` (Fréchet distance of classifier features to the test split, k-NN
+precision/recall, class total variation, 95% bootstrap intervals over the samples), beside the floor (as many
+training images). The deterministic samplers also run on both step grids (``t``, ``logsnr``) at the steps of
+``--grid-steps``, which decides the default grid. Finished rows are kept under ``--work``: a stopped run resumes.
 
     # digits (train the two models first, e.g. mulan train --preset digits-vdm --out runs/digits-vdm)
     python benchmarks/sampling.py --vdm runs/digits-vdm --mulan runs/digits-mulan-ends-map --num 1000
-    # Fashion-MNIST checkpoints, fewer steps and samples
-    python benchmarks/sampling.py --vdm RUN_A --mulan RUN_B --num 1000 --out benchmarks/results/sampling/fashion
+    # Fashion-MNIST checkpoints: fewer samples, no deterministic rows above 100 steps
+    python benchmarks/sampling.py --vdm RUN_A --mulan RUN_B --num 250 --max-fast 100 \
+        --out benchmarks/results/sampling/fashion
 
 Writes into ``--out``: ``results.json`` (every row: model, sampler, steps, grid, wall time, full score),
 ``README.md`` (the tables, with the command, seeds, threads and wall time) and ``samples.png`` (one grid of the
@@ -35,17 +37,21 @@ from mulan.quality import data_config, score  # noqa: E402
 from mulan.quality.classifier import load_or_train  # noqa: E402
 from mulan.sampling import sample  # noqa: E402
 
-SAMPLERS = ("ancestral", "ddim", "dpm2m")
+# the rows of the tables: name -> (sampler, eta); dpm2m-sde is dpm2m with eta = 1 (its stochastic form)
+SAMPLERS = {"ancestral": ("ancestral", 0.0), "ddim": ("ddim", 0.0), "dpm2m": ("dpm2m", 0.0), "dpm2m-sde": ("dpm2m", 1.0)}
+DETERMINISTIC = ("ddim", "dpm2m")
 TILES = 16  # samples per row of the figure
 
 
-def draw(model, sampler: str, steps: int, grid: str, num: int, seed: int, batch: int) -> tuple[torch.Tensor, float]:
+def draw(model, name: str, steps: int, grid: str, num: int, seed: int, batch: int) -> tuple[torch.Tensor, float]:
     """``num`` images in batches (each batch seeded by (seed, batch index)) and the wall time in seconds."""
+    sampler, eta = SAMPLERS[name]
     t0 = time.perf_counter()
     parts = []
     for b, start in enumerate(range(0, num, batch)):
         gen = torch.Generator(model.device).manual_seed(seed * 1_000_003 + b)
-        parts.append(sample(model, min(batch, num - start), sampler=sampler, steps=steps, grid=grid, generator=gen).cpu())
+        parts.append(sample(model, min(batch, num - start), sampler=sampler, steps=steps, eta=eta, grid=grid,
+                            generator=gen).cpu())
     return torch.cat(parts), time.perf_counter() - t0
 
 
@@ -95,7 +101,7 @@ def tables(rows: list[dict], models: list[str], steps: list[int], default_grid: 
         out += ["", "### Step grid: FD with the t grid against the log-SNR grid", "",
                 "| model | sampler | steps | grid t | grid logsnr |", "|---|---|---|---|---|"]
         for model in models:
-            for sampler in ("ddim", "dpm2m"):
+            for sampler in DETERMINISTIC:
                 for s in sorted({r["steps"] for r in grid_rows}):
                     pick = {r["grid"]: r for r in grid_rows if r["model"] == model and r["sampler"] == sampler
                             and r["steps"] == s}
@@ -144,6 +150,10 @@ def main(argv=None) -> None:
     p.add_argument("--grid-steps", default="10,20", help="steps at which both grids are compared (ddim, dpm2m)")
     p.add_argument("--default-grid", default="logsnr", help="grid of the main tables for ddim and dpm2m")
     p.add_argument("--max-ancestral", type=int, default=1000, help="skip ancestral rows above this many steps")
+    p.add_argument("--max-fast", type=int, default=1000, help="skip ddim and dpm2m rows above this many steps")
+    p.add_argument("--samplers", default=",".join(SAMPLERS), help=f"comma-separated rows of {', '.join(SAMPLERS)}")
+    p.add_argument("--work", default="runs/sampling-bench",
+                   help="finished rows are kept here (samples and scores), so a stopped run resumes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=500, help="images per sampler call")
     p.add_argument("--threads", type=int, default=1)
@@ -161,29 +171,43 @@ def main(argv=None) -> None:
         sys.exit(f"sampling.py: error: the two models were trained on different data: {sorted(names)}")
     cfg = data_config(names.pop())
     classifier = load_or_train(cfg, args.cache)
+    chosen = args.samplers.split(",")
+    unknown = sorted(set(chosen) - set(SAMPLERS))
+    if unknown:
+        sys.exit(f"sampling.py: error: unknown --samplers {unknown}; choose from {', '.join(SAMPLERS)}")
     plan = []
     for model in runs:
-        for sampler in SAMPLERS:
+        for sampler in chosen:
             for s in steps:
-                if sampler == "ancestral" and s > args.max_ancestral:
+                if s > (args.max_ancestral if sampler == "ancestral" else args.max_fast):
                     continue
                 plan.append((model, sampler, s, "t" if sampler == "ancestral" else args.default_grid))
-            if sampler != "ancestral":
+            if sampler in DETERMINISTIC:
                 other = "t" if args.default_grid == "logsnr" else "logsnr"
                 plan += [(model, sampler, s, other) for s in grid_steps]
     rows, images = [], {}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work)
     for model, sampler, s, grid in plan:
-        x, wall = draw(runs[model].model, sampler, s, grid, args.num, args.seed, args.batch)
-        report = score(x, cfg, k=3, bootstrap=args.bootstrap, seed=args.seed, classifier=classifier)
         label = f"{model} {sampler} {s} {grid}"
+        key = {"model": str(runs[model].path), "step": runs[model].step, "num": args.num, "seed": args.seed,
+               "batch": args.batch, "bootstrap": args.bootstrap, "classifier": classifier.sha256}
+        kept = work / f"{cfg.name}-{label.replace(' ', '-')}.pt"
+        saved = torch.load(kept, weights_only=True) if kept.is_file() else None
+        if saved is not None and json.loads(saved["key"]) == key:
+            x, row = saved["x"], json.loads(saved["row"])
+        else:
+            x, wall = draw(runs[model].model, sampler, s, grid, args.num, args.seed, args.batch)
+            report = score(x, cfg, k=3, bootstrap=args.bootstrap, seed=args.seed, classifier=classifier)
+            row = {"label": label, "model": model, "sampler": sampler, "steps": s, "grid": grid, "num": args.num,
+                   "wall_s": wall, "threads": args.threads, "score": report.as_dict()}
+            work.mkdir(parents=True, exist_ok=True)
+            torch.save({"key": json.dumps(key), "row": json.dumps(row), "x": x.to(torch.uint8)}, kept)
         images[label] = x
-        row = {"label": label, "model": model, "sampler": sampler, "steps": s, "grid": grid, "num": args.num,
-               "wall_s": wall, "score": report.as_dict()}
         rows.append(row)
         print(f"{label}: FD {fmt(row['score']['samples']['fd'])} (floor {fmt(row['score']['floor']['fd'])}), "
-              f"{wall:.1f} s", flush=True)
+              f"{row['wall_s']:.1f} s", flush=True)
     models = list(runs)
     text = tables(rows, models, steps, args.default_grid)
     total = time.perf_counter() - t_start

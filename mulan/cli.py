@@ -206,10 +206,10 @@ def sampler_settings(args, cfg=None) -> dict:
     name = args.sampler
     if name not in SAMPLERS:
         raise ConfigError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)} (see --help)")
-    if args.eta is not None and name != "ddim":
-        raise ConfigError(f"--eta applies to the ddim sampler only, not {name}")
+    if args.eta is not None and name not in ("ddim", "dpm2m"):
+        raise ConfigError(f"--eta applies to the ddim and dpm2m samplers only, not {name}")
     if args.eta is not None and not 0.0 <= args.eta <= 1.0:
-        raise ConfigError(f"--eta {args.eta}: must be in [0, 1] (0 deterministic, 1 ancestral)")
+        raise ConfigError(f"--eta {args.eta}: must be in [0, 1] (0 deterministic, 1 fully stochastic)")
     if args.grid is not None and args.grid not in GRIDS:
         raise ConfigError(f"unknown --grid {args.grid!r}; choose one of {', '.join(GRIDS)}")
     if name == "ode" and (args.steps is not None or args.grid is not None):
@@ -226,11 +226,11 @@ def sampler_settings(args, cfg=None) -> dict:
 
 
 def describe_sampler(settings: dict) -> str:
-    """'dpm2m-T20-logsnr', 'ddim-eta0.5-T50-t', 'ancestral-T1000' (t grid), 'ode': names files and rows."""
+    """'dpm2m-eta1-T20-logsnr', 'ddim-eta0.5-T50-t', 'ancestral-T1000' (t grid), 'ode': names files and rows."""
     name = settings["sampler"]
     if name == "ode":
         return "ode"
-    eta = f"-eta{settings['eta']:g}" if name == "ddim" and settings["eta"] else ""
+    eta = f"-eta{settings['eta']:g}" if settings["eta"] else ""
     grid = "" if name == "ancestral" and settings["grid"] == "t" else f"-{settings['grid']}"
     return f"{name}{eta}-T{settings['steps']}{grid}"
 
@@ -406,7 +406,9 @@ def add_sampler_options(parser) -> None:
     parser.add_argument("--steps", type=int, default=None,
                         help="steps of a fixed-step sampler, >= 1 (default: eval.sample_steps for ancestral, "
                              f"{SAMPLER_DEFAULT_STEPS['ddim']} for ddim, {SAMPLER_DEFAULT_STEPS['dpm2m']} for dpm2m)")
-    parser.add_argument("--eta", type=float, default=None, help="ddim only: 0 deterministic (default) .. 1 ancestral")
+    parser.add_argument("--eta", type=float, default=None,
+                        help="ddim and dpm2m: 0 deterministic (default) .. 1 fully stochastic (ddim: the ancestral "
+                             "step; dpm2m --eta 1 --steps 20 is the measured fast setting, docs/sampling.md)")
     parser.add_argument("--grid", default=None, metavar="t|logsnr",
                         help=f"step grid: uniform in t, or uniform in the pixel-mean log-SNR per sample (default "
                              f"{DEFAULT_GRID} for ddim and dpm2m, t for ancestral)")

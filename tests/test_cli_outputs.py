@@ -79,6 +79,19 @@ def test_flags_that_the_chosen_estimator_or_sampler_ignores_are_refused(run_dir)
     assert_clean_error(Proc(cli("sample", ckpt, "--sampler", "ode", "--steps", "4")), "--steps")
 
 
+@pytest.mark.parametrize("flags,words", [
+    (["--sampler", "euler"], ["unknown sampler", "'euler'", "ddim", "dpm2m"]),
+    (["--sampler", "ancestral", "--eta", "0.5"], ["--eta", "ddim and dpm2m", "not ancestral"]),
+    (["--sampler", "ode", "--eta", "1"], ["--eta", "not ode"]),
+    (["--sampler", "dpm2m", "--eta", "1.5"], ["--eta 1.5", "[0, 1]"]),
+    (["--sampler", "ddim", "--grid", "cosine"], ["unknown --grid", "'cosine'"]),
+])
+def test_bad_sampler_settings_are_one_line_errors(run_dir, tmp_path, flags, words):
+    out = tmp_path / "s.png"
+    assert_clean_error(Proc(cli("sample", str(run_dir / "checkpoints" / "last.pt"), *flags, "--out", str(out))), *words)
+    assert not out.exists()
+
+
 # --- nothing overwrites a result --------------------------------------------------------------------------
 
 def test_subset_evaluation_leaves_the_whole_split_result_alone(run_dir):

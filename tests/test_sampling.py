@@ -72,7 +72,8 @@ def exact_flow(bound, eps_fn, x1: torch.Tensor) -> torch.Tensor:
 
 
 # sampler, options, steps: enough steps that the discretisation bias is below the Monte-Carlo error of 4000 samples
-MOMENT_CASES = [("ancestral", {}, 500), ("ddim", {"eta": 0.0}, 200), ("ddim", {"eta": 0.5}, 400), ("dpm2m", {}, 50)]
+MOMENT_CASES = [("ancestral", {}, 500), ("ddim", {"eta": 0.0}, 200), ("ddim", {"eta": 0.5}, 400), ("dpm2m", {}, 50),
+                ("dpm2m", {"eta": 1.0}, 100)]
 
 
 @pytest.mark.parametrize("schedule", ["scalar", "per_pixel"])
@@ -86,10 +87,7 @@ def test_samplers_carry_the_gaussian_marginal_at_1_to_the_one_at_0(schedule, nam
     gen = torch.Generator().manual_seed(1)
     x1 = (m1 + torch.randn(num, N_DIM, generator=gen, dtype=F64) @ torch.linalg.cholesky(k1).T).reshape(num, *SHAPE)
     times = time_grid(bound, steps, num, "logsnr", dtype=F64)
-    if name == "dpm2m":
-        x0 = solvers.dpm2m(eps_fn, bound, x1, times)
-    else:
-        x0 = getattr(solvers, name)(eps_fn, bound, x1, times, generator=gen, **options)
+    x0 = getattr(solvers, name)(eps_fn, bound, x1, times, generator=gen, **options)
     x0 = x0.flatten(1)
     var = k0.diagonal()
     z_mean = (x0.mean(0) - m0).abs() / (var / num).sqrt()
@@ -125,6 +123,19 @@ def test_ddim_with_eta_one_is_the_ancestral_step():
     torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
+def test_the_first_step_of_stochastic_dpm2m_is_the_ancestral_step():
+    """With eta = 1 and no previous prediction (D = x0_hat) the SDE step's mean and variance are the posterior's."""
+    bound = BOUNDS["per_pixel"]
+    eps_fn = gaussian_eps_fn(MU, COV, bound)
+    x1 = torch.randn(16, *SHAPE, generator=torch.Generator().manual_seed(3), dtype=F64)
+    times = torch.stack([torch.ones(16, dtype=F64), torch.full((16,), 0.6, dtype=F64)])  # one step, from t = 1 to t = 0.6
+    a = solvers.ancestral(eps_fn, bound, x1, times, generator=torch.Generator().manual_seed(4))
+    b = solvers.dpm2m(eps_fn, bound, x1, times, eta=1.0, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    c = solvers.dpm2m(eps_fn, bound, x1, times, eta=0.5, generator=torch.Generator().manual_seed(4))
+    assert (a - c).abs().max() > 1e-3  # eta sets the noise: a half-stochastic step is another step
+
+
 @pytest.mark.parametrize("name", ["ddim", "dpm2m"])
 def test_a_scalar_schedule_is_the_per_pixel_code_with_equal_pixels(name):
     """gamma (B, 1, 1, 1) and the same gamma expanded to every pixel (B, C, H, W) give the same samples."""
@@ -158,8 +169,8 @@ def test_grids_run_from_one_to_zero_and_the_logsnr_grid_has_equal_pixel_mean_ste
 @pytest.mark.parametrize("preset,prediction", [("digits-mulan", "eps"), ("digits-vdm", "v")])
 def test_every_sampler_draws_valid_reproducible_images_from_a_model(preset, prediction):
     model = model_that_matters(preset, f"model.prediction={prediction}")
-    for name in SAMPLERS:
-        options = {"steps": 4} if name != "ode" else {"rtol": 1e-3, "atol": 1e-3}
+    for name, options in [*((n, {"steps": 4}) for n in SAMPLERS if n != "ode"), ("dpm2m", {"steps": 4, "eta": 1.0}),
+                          ("ode", {"rtol": 1e-3, "atol": 1e-3})]:
         a = sample(model, 3, sampler=name, generator=torch.Generator().manual_seed(0), **options)
         b = sample(model, 3, sampler=name, generator=torch.Generator().manual_seed(0), **options)
         assert a.shape == (3, *model.shape) and a.min() >= 0 and a.max() < model.num_values

@@ -21,7 +21,7 @@ SAMPLERS: dict[str, str] = {
     "ddim": "DDIM: deterministic first-order exponential integrator (--eta 0), or stochastic with --eta > 0 "
             "(1 = ancestral)",
     "dpm2m": "second-order multistep exponential integrator in data prediction (DPM-Solver++(2M) style), "
-             "deterministic, per-pixel log-SNR steps",
+             "per-pixel log-SNR steps; deterministic (--eta 0), or its SDE form with --eta > 0",
 }
 DEFAULT_GRID: Grid = "logsnr"  # measured better than "t" for MuLAN at few steps (docs/sampling.md)
 
@@ -33,14 +33,15 @@ def sample(model: Diffusion, num: int, *, sampler: str = "ancestral", steps: int
            callback: Callback | None = None) -> Tensor:
     """``num`` images (num, C, H, W) in 0..V-1 from the sampler named ``sampler`` (a key of :data:`SAMPLERS`).
 
-    ``steps`` and ``grid`` apply to the fixed-step samplers, ``eta`` to ddim, ``rtol``/``atol``/``method`` to ode.
+    ``steps`` and ``grid`` apply to the fixed-step samplers, ``eta`` to ddim and dpm2m, ``rtol``/``atol``/
+    ``method`` to ode.
     """
     if sampler == "ancestral":
         return ancestral_sample(model, num, steps=steps, z=z, grid=grid, generator=generator, callback=callback)
     if sampler == "ddim":
         return ddim_sample(model, num, steps=steps, eta=eta, z=z, grid=grid, generator=generator, callback=callback)
     if sampler == "dpm2m":
-        return dpm2m_sample(model, num, steps=steps, z=z, grid=grid, generator=generator, callback=callback)
+        return dpm2m_sample(model, num, steps=steps, eta=eta, z=z, grid=grid, generator=generator, callback=callback)
     if sampler == "ode":
         return ode_sampler(model, num, z=z, rtol=rtol, atol=atol, method=method, generator=generator,
                            callback=callback)

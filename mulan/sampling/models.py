@@ -63,12 +63,14 @@ def ddim_sample(model: Diffusion, num: int, *, steps: int = 50, eta: float = 0.0
 
 
 @torch.no_grad()
-def dpm2m_sample(model: Diffusion, num: int, *, steps: int = 20, z: Tensor | None = None, grid: Grid = "logsnr",
-                 generator: torch.Generator | None = None, callback: Callback | None = None) -> Tensor:
-    """The second-order multistep exponential integrator, per pixel (:func:`mulan.sampling.solvers.dpm2m`)."""
+def dpm2m_sample(model: Diffusion, num: int, *, steps: int = 20, eta: float = 0.0, z: Tensor | None = None,
+                 grid: Grid = "logsnr", generator: torch.Generator | None = None,
+                 callback: Callback | None = None) -> Tensor:
+    """The second-order multistep exponential integrator, per pixel (:func:`mulan.sampling.solvers.dpm2m`);
+    eta = 0 deterministic, eta > 0 its stochastic form."""
     cond, x1 = _start(model, num, z, generator)
     times = time_grid(cond.bound, steps, num, grid, device=model.device, dtype=model.dtype)
-    x0 = solvers.dpm2m(cond.eps_fn, cond.bound, x1, times, callback=callback)
+    x0 = solvers.dpm2m(cond.eps_fn, cond.bound, x1, times, eta=eta, generator=generator, callback=callback)
     return _finish(model, cond, x0, generator)
 
 

@@ -15,6 +15,11 @@ eps_hat by the model, ``Diffusion.eps_hat``). With c = -expm1(gamma_s - gamma_t)
 - ``dpm2m``: the second-order multistep exponential integrator in data prediction (DPM-Solver++(2M) style),
   x_s = (sigma_s / sigma_t) x_t - alpha_s expm1(-h) D with D = x0_hat + (h / (2 h_prev)) (x0_hat - x0_hat_prev)
   per pixel (= (1 + 1/(2r)) x0_hat - x0_hat_prev / (2r), r = h_prev / h); the first step uses D = x0_hat.
+  With eta > 0 it is the stochastic (SDE) member of the same family: with g = eta h,
+  x_s = (sigma_s / sigma_t) exp(-g) x_t - alpha_s expm1(-h - g) D + sigma_s sqrt(-expm1(-2 g)) xi, and the same
+  second-order D (its weight scaled by expm1(-h - g) in place of expm1(-h)). At eta = 1 and D = x0_hat this is the
+  ancestral step: exp(-2h) = SNR_t / SNR_s, so x0's weight alpha_s c and the variance sigma_s^2 c are the
+  posterior's (c = 1 - SNR_t / SNR_s).
 
 Each function takes x at t = 1 and a grid ``times`` (N + 1, B) from :func:`mulan.sampling.grids.time_grid` and
 returns the continuous x at the grid's last time (t = 0), which the caller decodes.
@@ -83,9 +88,10 @@ def ddim(eps_fn: EpsFn, bound: BoundSchedule, x1: Tensor, times: Tensor, *, eta:
     return _steps(eps_fn, bound, x1, times, step, callback)
 
 
-def dpm2m(eps_fn: EpsFn, bound: BoundSchedule, x1: Tensor, times: Tensor, *,
-          callback: Callback | None = None) -> Tensor:
-    """The second-order multistep exponential integrator in data prediction, per pixel (module docstring)."""
+def dpm2m(eps_fn: EpsFn, bound: BoundSchedule, x1: Tensor, times: Tensor, *, eta: float = 0.0,
+          generator: torch.Generator | None = None, callback: Callback | None = None) -> Tensor:
+    """The second-order multistep exponential integrator in data prediction, per pixel (module docstring);
+    eta = 0 (default) is deterministic and draws nothing, eta > 0 its stochastic (SDE) form."""
     prev: dict[str, Tensor] = {}
 
     def step(x_t: Tensor, g_t: GammaOut, g_s: GammaOut, eps_hat: Tensor, k: int) -> Tensor:
@@ -99,6 +105,10 @@ def dpm2m(eps_fn: EpsFn, bound: BoundSchedule, x1: Tensor, times: Tensor, *,
             ratio = torch.where(h_prev > 0, h / h_prev.clamp_min(torch.finfo(h.dtype).tiny), torch.zeros_like(h))
             d = x0_hat + 0.5 * ratio * (x0_hat - prev["x0_hat"])
         prev["h"], prev["x0_hat"] = h, x0_hat
-        return (sigma_s / sigma_t) * x_t - alpha_s * torch.expm1(-h) * d
+        if eta == 0.0:
+            return (sigma_s / sigma_t) * x_t - alpha_s * torch.expm1(-h) * d
+        g = eta * h
+        return ((sigma_s / sigma_t) * torch.exp(-g) * x_t - alpha_s * torch.expm1(-h - g) * d
+                + sigma_s * (-torch.expm1(-2.0 * g)).clamp_min(0.0).sqrt() * _noise(x_t, generator))
 
     return _steps(eps_fn, bound, x1, times, step, callback)
