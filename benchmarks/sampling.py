@@ -152,6 +152,9 @@ def main(argv=None) -> None:
     p.add_argument("--max-ancestral", type=int, default=1000, help="skip ancestral rows above this many steps")
     p.add_argument("--max-fast", type=int, default=1000, help="skip ddim and dpm2m rows above this many steps")
     p.add_argument("--samplers", default=",".join(SAMPLERS), help=f"comma-separated rows of {', '.join(SAMPLERS)}")
+    p.add_argument("--models", default="vdm,mulan",
+                   help="draw only these models' rows (two processes side by side: --models vdm, --models mulan, "
+                        "then one run of both assembles the tables from --work)")
     p.add_argument("--work", default="runs/sampling-bench",
                    help="finished rows are kept here (samples and scores), so a stopped run resumes")
     p.add_argument("--seed", type=int, default=0)
@@ -176,7 +179,9 @@ def main(argv=None) -> None:
     if unknown:
         sys.exit(f"sampling.py: error: unknown --samplers {unknown}; choose from {', '.join(SAMPLERS)}")
     plan = []
-    for model in runs:
+    for model in args.models.split(","):
+        if model not in runs:
+            sys.exit(f"sampling.py: error: unknown --models {model!r}; choose from vdm, mulan")
         for sampler in chosen:
             for s in steps:
                 if s > (args.max_ancestral if sampler == "ancestral" else args.max_fast):
@@ -208,7 +213,7 @@ def main(argv=None) -> None:
         rows.append(row)
         print(f"{label}: FD {fmt(row['score']['samples']['fd'])} (floor {fmt(row['score']['floor']['fd'])}), "
               f"{row['wall_s']:.1f} s", flush=True)
-    models = list(runs)
+    models = [m for m in runs if m in args.models.split(",")]
     text = tables(rows, models, steps, args.default_grid)
     total = time.perf_counter() - t_start
     header = [f"# Sampling benchmark: {cfg.name}", "",
@@ -218,7 +223,9 @@ def main(argv=None) -> None:
               f"seeded by seed * 1000003 + b), MuLAN's z drawn from the prior per sample; torch threads "
               f"{args.threads} on {platform.processor() or platform.machine()}; classifier sha256 "
               f"{classifier.sha256[:16]}... (test accuracy {100 * classifier.test_accuracy:.1f}%); "
-              f"{args.bootstrap} bootstrap resamples; total wall time {total / 60:.1f} min.", ""]
+              f"{args.bootstrap} bootstrap resamples; drawing time summed over the rows "
+              f"{sum(r['wall_s'] for r in rows) / 60:.1f} min (rows kept in --work are not redrawn; this invocation "
+              f"{total / 60:.1f} min).", ""]
     (out / "README.md").write_text("\n".join(header + text) + "\n")
     (out / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows, "wall_s": total}, indent=2))
     figure(rows, images, cfg.num_values, out / "samples.png")
