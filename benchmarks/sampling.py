@@ -43,16 +43,17 @@ DETERMINISTIC = ("ddim", "dpm2m")
 TILES = 16  # samples per row of the figure
 
 
-def draw(model, name: str, steps: int, grid: str, num: int, seed: int, batch: int) -> tuple[torch.Tensor, float]:
-    """``num`` images in batches (each batch seeded by (seed, batch index)) and the wall time in seconds."""
+def draw(model, name: str, steps: int, grid: str, num: int, seed: int, batch: int) -> tuple[torch.Tensor, float, float]:
+    """``num`` images in batches (each batch seeded by (seed, batch index)), the wall time and the process's CPU
+    time in seconds (the CPU time does not grow when other processes share the cores)."""
     sampler, eta = SAMPLERS[name]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     parts = []
     for b, start in enumerate(range(0, num, batch)):
         gen = torch.Generator(model.device).manual_seed(seed * 1_000_003 + b)
         parts.append(sample(model, min(batch, num - start), sampler=sampler, steps=steps, eta=eta, grid=grid,
                             generator=gen).cpu())
-    return torch.cat(parts), time.perf_counter() - t0
+    return torch.cat(parts), time.perf_counter() - t0, time.process_time() - c0
 
 
 def fmt(est: dict, digits: int = 2) -> str:
@@ -75,14 +76,15 @@ def tables(rows: list[dict], models: list[str], steps: list[int], default_grid: 
                 r = next((r for r in main if r["model"] == model and r["sampler"] == sampler and r["steps"] == s), None)
                 cells.append(fmt(r["score"]["samples"]["fd"]) if r else "-")
             out.append(f"| {sampler} | " + " | ".join(cells) + " |")
-    out += ["", "### Wall time per 1,000 samples (s)", "",
+    out += ["", f"### CPU time per 1,000 samples (s; {rows[0]['threads']} torch thread, the process's CPU time, which "
+            "does not grow when other processes share the cores)", "",
             "| model | sampler | " + " | ".join(str(s) for s in steps) + " |", "|---|---|" + "---|" * len(steps)]
     for model in models:
         for sampler in SAMPLERS:
             cells = []
             for s in steps:
                 r = next((r for r in main if r["model"] == model and r["sampler"] == sampler and r["steps"] == s), None)
-                cells.append(f"{1000 * r['wall_s'] / r['num']:.0f}" if r else "-")
+                cells.append(f"{1000 * r['cpu_s'] / r['num']:.0f}" if r else "-")
             out.append(f"| {model} | {sampler} | " + " | ".join(cells) + " |")
     if len(models) == 2:
         out += ["", f"### {models[1]} against {models[0]} at equal steps (FD, precision, recall)", "",
@@ -203,16 +205,16 @@ def main(argv=None) -> None:
         if saved is not None and json.loads(saved["key"]) == key:
             x, row = saved["x"], json.loads(saved["row"])
         else:
-            x, wall = draw(runs[model].model, sampler, s, grid, args.num, args.seed, args.batch)
+            x, wall, cpu = draw(runs[model].model, sampler, s, grid, args.num, args.seed, args.batch)
             report = score(x, cfg, k=3, bootstrap=args.bootstrap, seed=args.seed, classifier=classifier)
             row = {"label": label, "model": model, "sampler": sampler, "steps": s, "grid": grid, "num": args.num,
-                   "wall_s": wall, "threads": args.threads, "score": report.as_dict()}
+                   "wall_s": wall, "cpu_s": cpu, "threads": args.threads, "score": report.as_dict()}
             work.mkdir(parents=True, exist_ok=True)
             torch.save({"key": json.dumps(key), "row": json.dumps(row), "x": x.to(torch.uint8)}, kept)
         images[label] = x
         rows.append(row)
         print(f"{label}: FD {fmt(row['score']['samples']['fd'])} (floor {fmt(row['score']['floor']['fd'])}), "
-              f"{row['wall_s']:.1f} s", flush=True)
+              f"{row['wall_s']:.1f} s ({row['cpu_s']:.1f} s CPU)", flush=True)
     models = [m for m in runs if m in args.models.split(",")]
     text = tables(rows, models, steps, args.default_grid)
     total = time.perf_counter() - t_start
@@ -223,8 +225,8 @@ def main(argv=None) -> None:
               f"seeded by seed * 1000003 + b), MuLAN's z drawn from the prior per sample; torch threads "
               f"{args.threads} on {platform.processor() or platform.machine()}; classifier sha256 "
               f"{classifier.sha256[:16]}... (test accuracy {100 * classifier.test_accuracy:.1f}%); "
-              f"{args.bootstrap} bootstrap resamples; drawing time summed over the rows "
-              f"{sum(r['wall_s'] for r in rows) / 60:.1f} min (rows kept in --work are not redrawn; this invocation "
+              f"{args.bootstrap} bootstrap resamples; drawing wall time summed over the rows "
+              f"{sum(r['wall_s'] for r in rows) / 60:.1f} min, CPU time {sum(r['cpu_s'] for r in rows) / 60:.1f} min (rows kept in --work are not redrawn; this invocation "
               f"{total / 60:.1f} min).", ""]
     (out / "README.md").write_text("\n".join(header + text) + "\n")
     (out / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows, "wall_s": total}, indent=2))
