@@ -65,15 +65,16 @@ def tables(rows: list[dict], models: list[str], steps: list[int], default_grid: 
     floor = rows[0]["score"]["floor"]
     out.append(f"Floor (test split vs {floor['count']} training images): FD {fmt(floor['fd'])}, precision "
                f"{fmt(floor['precision'])}, recall {fmt(floor['recall'])}, class TV {fmt(floor['class_tv'])}.")
-    main = [r for r in rows if r["sampler"] == "ancestral" and r["grid"] == "t" or r["sampler"] != "ancestral"
-            and r["grid"] == default_grid]
+    # the rows of the main tables (ancestral on the t grid, the others on the default grid), by (model, sampler, steps)
+    main = {(r["model"], r["sampler"], r["steps"]): r for r in rows
+            if r["grid"] == ("t" if r["sampler"] == "ancestral" else default_grid)}
     for model in models:
         out += ["", f"### {model}: FD to the test split (95% bootstrap interval) against steps", "",
                 "| sampler | " + " | ".join(str(s) for s in steps) + " |", "|---|" + "---|" * len(steps)]
         for sampler in SAMPLERS:
             cells = []
             for s in steps:
-                r = next((r for r in main if r["model"] == model and r["sampler"] == sampler and r["steps"] == s), None)
+                r = main.get((model, sampler, s))
                 cells.append(fmt(r["score"]["samples"]["fd"]) if r else "-")
             out.append(f"| {sampler} | " + " | ".join(cells) + " |")
     out += ["", f"### CPU time per 1,000 samples (s; {rows[0]['threads']} torch thread, the process's CPU time, which "
@@ -83,7 +84,7 @@ def tables(rows: list[dict], models: list[str], steps: list[int], default_grid: 
         for sampler in SAMPLERS:
             cells = []
             for s in steps:
-                r = next((r for r in main if r["model"] == model and r["sampler"] == sampler and r["steps"] == s), None)
+                r = main.get((model, sampler, s))
                 cells.append(f"{1000 * r['cpu_s'] / r['num']:.0f}" if r else "-")
             out.append(f"| {model} | {sampler} | " + " | ".join(cells) + " |")
     if len(models) == 2:
@@ -92,8 +93,7 @@ def tables(rows: list[dict], models: list[str], steps: list[int], default_grid: 
                 f"| recall {models[0]} | recall {models[1]} |", "|---|---|---|---|---|---|---|---|"]
         for sampler in SAMPLERS:
             for s in steps:
-                pair = [next((r for r in main if r["model"] == m and r["sampler"] == sampler and r["steps"] == s), None)
-                        for m in models]
+                pair = [main.get((m, sampler, s)) for m in models]
                 if all(pair):
                     a, b = (p["score"]["samples"] for p in pair)
                     out.append(f"| {sampler} | {s} | {fmt(a['fd'])} | {fmt(b['fd'])} | {fmt(a['precision'])} | "
@@ -112,8 +112,8 @@ def tables(rows: list[dict], models: list[str], steps: list[int], default_grid: 
                                    f"{fmt(pick['logsnr']['score']['samples']['fd'])} |")
     out += ["", "### Target: a 20-step sampler within 10% of the 1000-step ancestral FD", ""]
     for model in models:
-        ref = next((r for r in main if r["model"] == model and r["sampler"] == "ancestral" and r["steps"] == 1000), None)
-        fast = [r for r in main if r["model"] == model and r["steps"] == 20]
+        ref = main.get((model, "ancestral", 1000))
+        fast = [r for (m, _, s), r in main.items() if m == model and s == 20]
         if ref is None or not fast:
             out.append(f"- {model}: needs 20 and 1000 in --steps")
             continue
