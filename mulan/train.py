@@ -10,6 +10,7 @@ import contextlib
 import functools
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,10 +153,16 @@ def evaluate_bpd(model: Diffusion, data: ImageDataset, *, images: int, time_poin
 
 
 class MetricsLog:
-    """JSON lines in ``metrics.jsonl`` plus TensorBoard scalars when tensorboard is installed."""
+    """JSON lines in ``metrics.jsonl`` plus TensorBoard scalars when tensorboard is installed.
 
-    def __init__(self, run_dir: Path):
+    ``resume_step``: the step of the checkpoint a resumed run starts from. Lines a killed run logged after that
+    checkpoint describe steps the resumed run does again; they move to ``metrics.discarded.jsonl`` (kept, never
+    deleted), so ``metrics.jsonl`` holds each step once, as the weights went through it."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None = None):
         self.path = run_dir / "metrics.jsonl"
+        if resume_step is not None and self.path.is_file():
+            self._set_aside_after(resume_step)
         self.tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -163,6 +170,22 @@ class MetricsLog:
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
         except Exception:  # tensorboard is optional
             self.tb = None
+
+    def _set_aside_after(self, step: int) -> None:
+        kept, lost = [], []
+        for line in self.path.read_text().splitlines(keepends=True):
+            try:
+                logged = json.loads(line).get("step")
+            except ValueError:  # a line cut short by a kill: not a step the weights went through
+                logged = step + 1
+            (lost if isinstance(logged, int) and logged > step else kept).append(line)
+        if not lost:
+            return
+        with open(self.path.with_name("metrics.discarded.jsonl"), "a") as f:
+            f.writelines(line if line.endswith("\n") else line + "\n" for line in lost)
+        tmp = self.path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, self.path)
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
@@ -250,7 +273,7 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False,
     if world.distributed:
         # device_ids=None: the module already lives on this rank's one device and inputs are not moved.
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=None, broadcast_buffers=False)
-    log = MetricsLog(run_dir) if world.main else None
+    log = MetricsLog(run_dir, resume_step=start if state is not None else None) if world.main else None
     fingerprints = {name: split.fingerprint() for name, split in splits.items()}
 
     def checkpoint(step: int, name: str = "last.pt") -> None:
