@@ -10,7 +10,6 @@ import contextlib
 import functools
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from torch import Tensor
 
 from mulan import distributed
-from mulan.checkpoint import load_checkpoint, load_weights, require, save_checkpoint
+from mulan.checkpoint import atomic_write, load_checkpoint, load_weights, require, save_checkpoint
 from mulan.config import Config, to_dict
 from mulan.data import ImageDataset, load_all_splits
 from mulan.diffusion import Diffusion, bits_per_dim, build_model
@@ -183,9 +182,7 @@ class MetricsLog:
             return
         with open(self.path.with_name("metrics.discarded.jsonl"), "a") as f:
             f.writelines(line if line.endswith("\n") else line + "\n" for line in lost)
-        tmp = self.path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, lambda f: f.write("".join(kept).encode()))
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
