@@ -168,13 +168,16 @@ def per_image(args, spec: Spec, seed: int, step: int) -> PerImage:
     return read_per_image(per_image_path(args, spec, seed, step))
 
 
-def train_seconds(out: Path, batch: int) -> float:
-    """Training time of a run from its log (images/s over each logged interval; resumed runs included)."""
+def train_seconds(out: Path, batch: int, up_to: int | None = None) -> float:
+    """Training time of a run from its log (images/s over each logged interval; resumed runs included), counted
+    up to step ``up_to`` when given, so a table of step 1000 does not quote a run later trained further."""
     total, prev = 0.0, 0
     for line in (out / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
         if r.get("kind") == "train" and r.get("images_per_s"):
             step = int(r["step"])
+            if up_to is not None and step > up_to:
+                break
             if step > prev:
                 total += (step - prev) * batch / r["images_per_s"]
                 prev = step
@@ -365,7 +368,8 @@ def tabulate(args, specs: list[Spec], ref: Spec, rows: list[dict], results: Path
     for spec, seed in [(s, seed) for seed in args.seeds for s in specs]:
         log = run_dir(args, spec, seed) / "metrics.jsonl"
         if log.is_file():
-            train_s[f"{spec.name}-s{seed}"] = train_seconds(log.parent, run_config(spec, args, seed).train.batch_size)
+            train_s[f"{spec.name}-s{seed}"] = train_seconds(log.parent, run_config(spec, args, seed).train.batch_size,
+                                                            up_to=max(steps, default=None))
     resolved = {}
     for spec in specs:
         for seed, step in sorted((r["seed"], r["step"]) for r in rows if r["config"] == spec.name):
@@ -386,7 +390,7 @@ def tabulate(args, specs: list[Spec], ref: Spec, rows: list[dict], results: Path
               f"networks); a configuration's difference is the mean over seeds of those, with a 95% t-interval over "
               f"the seeds (k − 1 degrees of freedom), which includes the between-seed spread. Max Var_z γ: the "
               f"schedule's pixel-mean variance of γ(z, t) across the first 200 images' z, largest over t. Training "
-              f"time per run (from its log): {min(train_s.values(), default=0) / 60:.0f}-"
+              f"time per run to step {max(steps, default=0)} (from its log): {min(train_s.values(), default=0) / 60:.0f}-"
               f"{max(train_s.values(), default=0) / 60:.0f} min; wall time of this invocation: {wall / 60:.1f} min "
               f"({platform.processor() or platform.machine()}, torch {torch.__version__}). Per-image results: "
               f"`per_image/` (readable by `mulan compare`).", ""]

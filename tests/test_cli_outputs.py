@@ -309,6 +309,34 @@ def test_presets_come_with_a_line_each_saying_what_they_are():
         assert ("per-pixel" in line) == cfg.model.schedule.kind.startswith(("polynomial", "pixel_"))
 
 
+def _bench_module():
+    """benchmarks/mulan_vs_vdm.py, imported as a module."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "mulan_vs_vdm.py"
+    spec = importlib.util.spec_from_file_location("mulan_vs_vdm_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_benchmark_training_time_counts_each_step_once_and_stops_at_the_tabulated_step(tmp_path):
+    """Training time from a log: (steps since the previous line) x batch / images_per_s per line; a resumed run's
+    repeated step counts once, and a run trained past the tabulated step is counted only up to it."""
+    rows = [(50, 10.0), (100, 20.0), (100, 20.0), (150, 5.0)]
+    (tmp_path / "metrics.jsonl").write_text("".join(
+        json.dumps({"kind": "train", "step": s, "images_per_s": ips}) + "\n" for s, ips in rows)
+        + json.dumps({"kind": "eval", "step": 150}) + "\n")
+    bench = _bench_module()
+    # batch 10: 50 steps at 10 img/s = 50 s, 50 at 20 = 25 s, 50 at 5 = 100 s
+    assert bench.train_seconds(tmp_path, 10) == pytest.approx(175.0)
+    assert bench.train_seconds(tmp_path, 10, up_to=100) == pytest.approx(75.0)
+    assert bench.train_seconds(tmp_path, 10, up_to=149) == pytest.approx(75.0)
+
+
 @pytest.mark.parametrize("preset, results, name", [
     ("digits-mulan-ends-map", "digits-test", "ends-map"),
 ])
@@ -316,18 +344,13 @@ def test_recommended_presets_are_the_configurations_the_benchmark_measured(prese
     """The README recommends a preset because benchmarks/mulan_vs_vdm.py measured it: the configuration its
     checkpoints recorded at training time (summary.json 'resolved') must be exactly the preset today, but for
     the train settings the benchmark sets on every run."""
-    import importlib.util
-    import sys
     from pathlib import Path
 
     from mulan.config import Config, from_dict
     from mulan.presets import get_preset
 
     root = Path(__file__).resolve().parent.parent
-    spec = importlib.util.spec_from_file_location("mulan_vs_vdm_bench", root / "benchmarks" / "mulan_vs_vdm.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # its dataclasses look their module up
-    spec.loader.exec_module(bench)
+    bench = _bench_module()
     summary = json.loads((root / "benchmarks" / "results" / "mulan_vs_vdm" / results / "summary.json").read_text())
     measured, named = from_dict(Config, summary["resolved"][name]), get_preset(preset)
     for key in bench.BENCH_TRAIN_KEYS:
