@@ -339,6 +339,7 @@ def test_benchmark_training_time_counts_each_step_once_and_stops_at_the_tabulate
 
 @pytest.mark.parametrize("preset, results, name", [
     ("digits-mulan-ends-map", "digits-test", "ends-map"),
+    ("fashion-mulan-ends-map-latent", "fashion-test", "ends-map-latent"),
 ])
 def test_recommended_presets_are_the_configurations_the_benchmark_measured(preset, results, name):
     """The README recommends a preset because benchmarks/mulan_vs_vdm.py measured it: the configuration its
